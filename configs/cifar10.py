@@ -57,7 +57,8 @@ def get_config():
   training.keep_checkpoints = 3  # Checkpoints kept on disk (older ones are deleted).
   training.sample_every_steps = 50_000  # Sample grid from the EMA params (0 = never).
   training.num_grid_samples = 64  # Images in each sample grid.
-  training.steps_per_dispatch = 1  # Train steps run inside one compiled call (lax.scan); >1 cuts dispatch overhead.
+  training.skip_nonfinite_steps = False  # A NaN/inf loss or gradient is never applied; True: count and go on, False: stop.
+  training.steps_per_dispatch = 1  # Train steps per compiled call (unrolled); >1 cuts dispatch overhead, compiles longer.
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.num_samples = 50_000  # --mode=sample writes this many images.

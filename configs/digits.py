@@ -1,0 +1,38 @@
+"""The offline demo: scikit-learn's bundled 8×8 digits at 16×16, a small U-Net, ~10 minutes on 2 CPU cores.
+
+Run:  python main.py --config=configs/digits.py --workdir=runs/digits
+Needs no download and no accelerator. Sample grids land in runs/digits/samples/; TensorBoard reads runs/digits.
+The diffusion is the paper's (T = 1000, linear β, ε-prediction, L_simple); only the data, model size and optimizer
+schedule are scaled down.
+"""
+from configs import cifar10
+
+
+def get_config():
+  config = cifar10.get_config()
+  config.data.source = "digits"  # scikit-learn's load_digits: 1,797 images, no download.
+  config.data.name = "digits"
+  config.data.image_size = 16  # 8×8 digits resized bilinearly to 16×16.
+  config.data.channels = 1  # Grayscale.
+  config.data.random_flip = False  # Digits are not mirror-symmetric.
+
+  config.model.ch = 32  # 1.1M params instead of 35.7M.
+  config.model.ch_mult = (1, 2, 2)  # 16, 8, 4.
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
+  config.model.dropout = 0.0  # Too few steps to overfit.
+
+  config.optim.lr = 1e-3  # Higher than the paper's 2e-4: a few thousand steps instead of 800k.
+  config.optim.warmup_steps = 100
+  config.optim.ema_decay = 0.995  # An EMA horizon of ~200 steps suits a short run.
+
+  config.training.batch_size = 64
+  config.training.num_train_steps = 1500
+  config.training.log_every_steps = 50
+  config.training.checkpoint_every_steps = 500
+  config.training.sample_every_steps = 1500  # One grid at the end (1000 reverse steps take ~1 min here).
+  config.training.num_grid_samples = 64
+
+  config.sampling.num_samples = 256
+  config.sampling.batch_size = 128
+  return config

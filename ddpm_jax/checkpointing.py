@@ -1,0 +1,77 @@
+"""A thin wrapper over `orbax.checkpoint.CheckpointManager`: the train state plus the data position, per step."""
+import logging
+import os
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves {'state': pytree, 'data': JSON dict} under directory/<step>; async, keeps the newest `max_to_keep`.
+
+  Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save leaves
+  the previous checkpoint as the latest one. A checkpoint that is complete on disk but unreadable (truncated or
+  corrupted later) is moved aside, never deleted, and the previous one is restored instead.
+  """
+
+  def __init__(self, directory, *, max_to_keep=3, async_save=True):
+    self.directory = os.fspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step, state, data_state):
+    """Saves an unreplicated state (arrays on any device) and a JSON-serialisable data position."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    data=ocp.args.JsonSave(data_state)))
+
+  def _restore_step(self, step, abstract_state):
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                  data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def restore(self, abstract_state):
+    """(state, data_state) of the newest readable checkpoint, shaped like abstract_state; None if there is none."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        result = self._restore_step(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable checkpoint: fall back, keep it on disk
+        previous = steps[i + 1] if i + 1 < len(steps) else None
+        logging.warning("Checkpoint of step %d in %s is unreadable (%s: %s); falling back to step %s.", step,
+                        self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "", previous)
+        self._move_aside(step)
+        continue
+      logging.info("Restored checkpoint of step %d from %s", step, self.directory)
+      return result
+    if steps:
+      raise ValueError(f"no readable checkpoint in {self.directory} (tried steps {steps}; they were moved aside as "
+                       "<step>.unreadable-*); restore them from a backup or start a new workdir.")
+    return None
+
+  def _move_aside(self, step):
+    # Keep the bytes for inspection, out of Orbax's way, so training can save this step number again.
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      os.replace(src, f"{src}.unreadable-{int(time.time())}")
+    self.manager.reload()
+
+  def reached_preemption(self, step):
+    """True when the JAX runtime has seen a preemption notice (multi-host pods); all hosts agree on it."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self):
+    """Blocks until an async save has finished writing."""
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) of a pytree: the restore target Orbax needs."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,39 @@
+"""Joining a multi-host run (TPU pod slice, SLURM or hand-started GPU processes) with `jax.distributed`."""
+import logging
+import os
+
+import jax
+
+
+def _cluster_detected():
+  """True when the environment says this process is one of several (what jax.distributed auto-detects)."""
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # TPU VM pod slice: one process per worker
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    return True
+  return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None):
+  """Calls jax.distributed.initialize for a cluster; does nothing for a single process.
+
+  Explicit arguments (or env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) win over detection.
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and "JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address needs --num_processes and --process_id (or JAX_NUM_PROCESSES and "
+                       "JAX_PROCESS_ID).")
+    if num_processes > 1:
+      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                 process_id=process_id)
+  elif _cluster_detected():
+    jax.distributed.initialize()  # TPU pod / SLURM / Open MPI: JAX reads the topology from the environment
+  else:
+    return
+  logging.info("Joined a cluster: process %d of %d, %d local and %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

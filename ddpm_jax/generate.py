@@ -1,0 +1,76 @@
+"""--mode=sample: draw samples from a trained (or converted) model's EMA params and write .npz shards + a grid."""
+import glob
+import logging
+import os
+
+import flax
+import jax
+import numpy as np
+
+from ddpm_jax import checkpointing
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import images
+from ddpm_jax import sampling
+from ddpm_jax import train
+
+
+def load_ema_params(config, workdir):
+  """EMA params of the latest checkpoint in workdir/checkpoints; one-line error if there is none."""
+  model = train.create_model(config)
+  tx, _ = train.create_optimizer(config.optim)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  abstract = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), model, tx, image_shape))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  restored = None
+  if os.path.isdir(ckpt_dir):
+    restored = checkpointing.Checkpointer(ckpt_dir).restore(abstract)
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first (--mode=train) or point --workdir at a "
+                            "trained run.")
+  state, _ = restored
+  return model, state.ema_params, int(state.step)
+
+
+def sample_to_dir(config, workdir, out_dir=None):
+  """Writes config.sampling.num_samples images as uint8 NHWC `arr_0` .npz shards and a PNG grid; returns out_dir.
+
+  Shard b holds global samples [b·B, (b+1)·B) (B = sampling.batch_size), this host's part in its own file, so a
+  restarted run skips finished shards and hosts never write the same file.
+  """
+  num, batch = config.sampling.num_samples, config.sampling.batch_size
+  if num <= 0:
+    raise ValueError(f"sampling.num_samples must be > 0, got {num}.")
+  per_host = batch // jax.process_count()
+  if batch % (jax.process_count() * jax.local_device_count()):
+    raise ValueError(f"sampling.batch_size {batch} is not divisible by the {jax.device_count()} devices; "
+                     f"use a multiple of {jax.device_count()}.")
+  model, params, step = load_ema_params(config, workdir)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step:08d}")
+  os.makedirs(out_dir, exist_ok=True)
+  replicated = flax.jax_utils.replicate(params)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  num_shards = -(-num // batch)
+  for b in range(num_shards):
+    path = os.path.join(out_dir, f"samples_{b:05d}_host{jax.process_index()}.npz")
+    if os.path.exists(path):
+      continue
+    first = b * batch + jax.process_index() * per_host
+    x = sampling.sample_sharded(model, replicated, diffusion, rng, per_host, shape, first_index=first)
+    x = images.to_uint8(jax.device_get(x))[:max(0, min(per_host, num - first))]
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, arr_0=x)
+    os.replace(tmp, path)  # a killed run never leaves a half-written shard under the final name
+    logging.info("Wrote shard %d/%d (%d images) to %s", b + 1, num_shards, len(x), path)
+  if jax.process_index() == 0:
+    first_shard = np.load(sorted(glob.glob(os.path.join(out_dir, "samples_*.npz")))[0])["arr_0"]
+    grid = images.make_grid(first_shard[:64])
+    images.save_png(os.path.join(out_dir, "grid.png"), grid, upscale=max(1, 256 // grid.shape[0]))
+  return out_dir
+
+
+def load_samples(out_dir):
+  """All samples written by sample_to_dir, uint8 [N, H, W, C], in global order."""
+  paths = sorted(glob.glob(os.path.join(out_dir, "samples_*.npz")))
+  return np.concatenate([np.load(p, allow_pickle=False)["arr_0"] for p in paths])

@@ -1,0 +1,191 @@
+"""Training images from tfds, a folder, an .npz array or scikit-learn's digits, in a deterministic order.
+
+The global batch at step s is a pure function of (seed, s, global batch size, data set): global slot g = s·B + j
+reads example perm_e(g mod N) of epoch e = g div N (grain's index shuffle, reseeded per epoch), flipped or not by a
+coin keyed on (seed, g). Host h of P reads slots j ∈ [h·B/P, (h+1)·B/P). So a resumed run, or a run on another
+number of hosts, sees exactly the batches of an uninterrupted one.
+"""
+import glob
+import os
+
+import grain
+import numpy as np
+from PIL import Image
+
+SOURCES = ("tfds", "folder", "npz", "digits")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def _fit(image, size, channels, name):
+  """uint8 [H, W, C] (or [H, W]) → uint8 [size, size, channels]: channel conversion, short-side resize, centre crop."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"{name} has dtype {image.dtype}, not uint8; store images as uint8 0-255.")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] != channels:
+    if image.shape[-1] == 1:
+      image = np.repeat(image, channels, axis=-1)
+    else:  # RGB(A) → L with Pillow's weights
+      image = np.asarray(Image.fromarray(image[..., :3]).convert("L"))[..., None]
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+  scale = size / min(h, w)
+  pil = pil.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+  left, top = (pil.width - size) // 2, (pil.height - size) // 2
+  out = np.asarray(pil.crop((left, top, left + size, top + size)))
+  return out[..., None] if channels == 1 else out
+
+
+class _ArraySource:
+  """Random access over a uint8 [N, H, W, C] array already at the configured size."""
+
+  def __init__(self, array):
+    self.array = array
+
+  def __len__(self):
+    return len(self.array)
+
+  def __getitem__(self, i):
+    return self.array[i]
+
+
+class _FolderSource:
+  """Image files decoded with Pillow on access, converted, resized and centre-cropped."""
+
+  def __init__(self, paths, size, channels):
+    self.paths, self.size, self.channels = paths, size, channels
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    path = self.paths[i]
+    try:
+      with Image.open(path) as img:
+        img = img.convert("L" if self.channels == 1 else "RGB")
+        arr = np.asarray(img)
+    except OSError as e:
+      raise ValueError(f"cannot decode image {path} ({e}); delete or replace the file.") from None
+    return _fit(arr, self.size, self.channels, path)
+
+
+class _TfdsSource:
+  """A prepared tfds data set read through tfds.data_source (array_record, random access)."""
+
+  def __init__(self, source, image_key, size, channels, name):
+    self.source, self.image_key, self.size, self.channels, self.name = source, image_key, size, channels, name
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return _fit(self.source[i][self.image_key], self.size, self.channels, f"{self.name} example {i}")
+
+
+def _digits(size):
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top  # only this source needs sklearn
+  raw = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8], values 0..16
+  resized = [np.asarray(Image.fromarray(d).resize((size, size), Image.BILINEAR)) for d in raw]
+  return np.stack(resized)[..., None]
+
+
+def _npz(path, size, channels):
+  if not os.path.isfile(path):
+    raise ValueError(f"data.path {path!r} is not a file; point it at an .npz holding arr_0 (uint8 NHWC).")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if "arr_0" not in f.files:
+        raise ValueError(f"{path} has no 'arr_0' (it has {f.files}); save the images with np.savez(path, images).")
+      array = f["arr_0"]
+  except (OSError, EOFError) as e:  # zipfile.BadZipFile is an OSError subclass
+    raise ValueError(f"cannot read {path} as .npz ({e}); write it with np.savez.") from None
+  if array.dtype != np.uint8 or array.ndim not in (3, 4):
+    raise ValueError(f"{path}: arr_0 is {array.dtype} of shape {array.shape}; it must be uint8 [N, H, W(, C)].")
+  if array.ndim == 3:
+    array = array[..., None]
+  if array.shape[1:3] != (size, size) or array.shape[3] not in (1, 3):
+    raise ValueError(f"{path}: images are {array.shape[1:]}, not {size}×{size}×{channels}; set data.image_size "
+                     "and data.channels to match, or resize the array.")
+  if array.shape[3] != channels:
+    array = np.stack([_fit(a, size, channels, path) for a in array])
+  return array
+
+
+def _tfds(c):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy; only this source needs it
+  data_dir = c.data_dir or None
+  try:
+    builder = tfds.builder(c.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"unknown tfds data set {c.name!r}; check data.name against `tfds list` "
+                     "(e.g. cifar10, celeb_a_hq/256, lsun/church_outdoor).") from None
+  if not builder.is_prepared():  # data_source would otherwise start a download
+    raise ValueError(f"tfds data set {c.name!r} is not prepared in {builder.data_dir}; run `tfds build {c.name} "
+                     f"--data_dir=DIR` (or download_and_prepare) first, then set data.data_dir=DIR.")
+  if c.split not in builder.info.splits:
+    raise ValueError(f"tfds data set {c.name!r} has no split {c.split!r}; choose one of "
+                     f"{sorted(builder.info.splits)}.")
+  if c.image_key not in builder.info.features:
+    raise ValueError(f"tfds data set {c.name!r} has no feature {c.image_key!r}; set data.image_key to one of "
+                     f"{sorted(builder.info.features)}.")
+  source = tfds.data_source(c.name, split=c.split, data_dir=data_dir, download=False)
+  return _TfdsSource(source, c.image_key, c.image_size, c.channels, c.name)
+
+
+def make_source(data_config):
+  """Random-access source of uint8 [H, W, C] images at data.image_size × data.image_size × data.channels."""
+  c = data_config
+  if c.source not in SOURCES:
+    raise ValueError(f"unknown data.source {c.source!r}; choose one of {SOURCES}.")
+  if c.channels not in (1, 3):
+    raise ValueError(f"data.channels must be 1 or 3, got {c.channels}.")
+  if c.source == "digits":
+    return _ArraySource(_digits(c.image_size))
+  if c.source == "npz":
+    return _ArraySource(_npz(c.path, c.image_size, c.channels))
+  if c.source == "folder":
+    if not os.path.isdir(c.path):
+      raise ValueError(f"data.path {c.path!r} is not a directory; point it at a folder of PNG/JPEG images.")
+    paths = sorted(p for p in glob.glob(os.path.join(c.path, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+    if not paths:
+      raise ValueError(f"data.path {c.path!r} holds no .png/.jpg/.jpeg files (searched recursively).")
+    return _FolderSource(paths, c.image_size, c.channels)
+  return _tfds(c)
+
+
+def _maybe_flip(image, rng):
+  return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def create_dataset(data_config, *, seed, global_batch_size, process_index, process_count, source=None):
+  """grain.MapDataset whose element s is this host's batch of step s: float32 [B/P, H, W, C] in [-1, 1]."""
+  if global_batch_size % process_count:
+    raise ValueError(f"training.batch_size {global_batch_size} is not divisible by the {process_count} hosts.")
+  source = make_source(data_config) if source is None else source
+  if len(source) == 0:
+    raise ValueError(f"data set {data_config.name!r} ({data_config.source}) has no examples.")
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()  # each epoch reshuffled, O(1) per index
+  if data_config.random_flip:
+    ds = ds.random_map(_maybe_flip, seed=seed + 1)  # keyed on the global slot, not on host or history
+  ds = ds.batch(global_batch_size // process_count)[process_index::process_count]
+  return ds.map(lambda x: x.astype(np.float32) / 127.5 - 1.0)
+
+
+def batches(data_config, *, seed, global_batch_size, start_step, num_local_devices, process_index=None,
+            process_count=None, num_threads=2):
+  """This host's batches for steps start_step, start_step + 1, …, each [devices, per_device, H, W, C]."""
+  import jax  # pylint: disable=g-import-not-at-top  # keep this module importable without initialising JAX
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % (process_count * num_local_devices):
+    raise ValueError(f"training.batch_size {global_batch_size} is not divisible by the "
+                     f"{process_count * num_local_devices} devices; use a multiple of them.")
+  ds = create_dataset(data_config, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
+                      process_count=process_count)
+  it = ds[start_step:].to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+  for batch in it:
+    yield batch.reshape((num_local_devices, -1) + batch.shape[1:])

@@ -1,0 +1,171 @@
+"""The train step and loop: device-count invariance, closed forms, exact resumption, learning, bad configs."""
+import functools
+import glob
+import os
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from clu import metric_writers
+
+from configs import digits
+from ddpm_jax import diffusion as dlib
+from ddpm_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**training):
+  """Digits at their native 8×8 with a 0.7M-param U-Net: every code path, seconds per run."""
+  c = digits.get_config()
+  c.data.image_size = 8
+  c.model.ch_mult = (1, 2)
+  c.model.attn_resolutions = (4,)
+  c.diffusion.num_timesteps = 100
+  c.optim.warmup_steps = 2
+  c.training.batch_size = 16
+  c.training.log_every_steps = 1
+  c.training.checkpoint_every_steps = 2
+  c.training.sample_every_steps = 0
+  c.training.num_grid_samples = 8
+  c.sampling.num_samples = 16
+  c.sampling.batch_size = 8
+  for k, v in training.items():
+    c.training[k] = v
+  return c
+
+
+def step_parts(config):
+  model = train.create_model(config)
+  d = dlib.GaussianDiffusion.from_config(config.diffusion)
+  tx, schedule = train.create_optimizer(config.optim)
+  state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1))
+  kw = dict(model=model, diffusion=d, tx=tx, schedule=schedule, ema_decay=config.optim.ema_decay,
+            rng=jax.random.PRNGKey(1))
+  return state, kw
+
+
+def max_rel_diff(a, b):
+  """‖a − b‖ / ‖b‖ over the whole pytree.
+
+  Whole-tree, not per leaf: Adam's first step is ≈ lr·sign(g), so leaves whose true gradient is 0 (the k bias,
+  which softmax ignores) take ±lr steps on float noise in any two summation orders.
+  """
+  flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])
+  return float(jnp.linalg.norm(flat(a) - flat(b)) / jnp.linalg.norm(flat(b)))
+
+
+def test_pmapped_step_on_8_devices_equals_single_device_step():
+  config = tiny_config()
+  config.optim.warmup_steps = 0  # a non-zero learning rate at step 0, so params move
+  state, kw = step_parts(config)
+  batch = jax.random.uniform(jax.random.PRNGKey(2), (16, 8, 8, 1), minval=-1, maxval=1)
+  # Reference: the same per-device function on one "device" holding the whole batch (vmap supplies the axis).
+  ref_state, ref_metrics = jax.jit(jax.vmap(functools.partial(train.train_step, **kw), axis_name="batch"))(
+      jax.tree.map(lambda x: x[None], state), batch[None], jnp.arange(16)[None])
+  ref_state = jax.tree.map(lambda x: x[0], ref_state)
+  p_step = jax.pmap(functools.partial(train.train_steps, **kw), axis_name="batch")
+  new_state, metrics = p_step(flax.jax_utils.replicate(state), batch.reshape(8, 1, 2, 8, 8, 1),
+                              jnp.arange(16).reshape(8, 2))
+  new_state = train.unreplicate(new_state)
+  assert max_rel_diff(new_state.params, state.params) > 1e-4  # the step did something
+  assert max_rel_diff(new_state.params, ref_state.params) <= 1e-6
+  assert max_rel_diff(new_state.ema_params, ref_state.ema_params) <= 1e-6
+  assert max_rel_diff(new_state.opt_state, ref_state.opt_state) <= 1e-6  # Adam's moments: the averaged gradients
+  np.testing.assert_allclose(metrics["loss"][0], ref_metrics["loss"][0], rtol=1e-6)
+  np.testing.assert_allclose(metrics["grad_norm"][0], ref_metrics["grad_norm"][0], rtol=1e-5)
+
+
+def test_warmup_schedule_and_ema_closed_forms():
+  config = tiny_config()
+  config.optim.warmup_steps = 10
+  _, schedule = train.create_optimizer(config.optim)
+  for step in (0, 1, 5, 10, 11, 1000):
+    np.testing.assert_allclose(schedule(step), config.optim.lr * min(step / 10, 1.0), rtol=1e-6)
+  config.optim.warmup_steps = 0
+  _, constant = train.create_optimizer(config.optim)
+  assert float(constant(0)) == config.optim.lr  # no warmup: full lr from the first step
+  # With lr = 0 the params stay put, so after n steps EMA_n = d^n·EMA_0 + (1 − d^n)·params.
+  config.optim.lr = 0.0
+  state, kw = step_parts(config)
+  state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.params))
+  step = jax.jit(jax.vmap(functools.partial(train.train_step, **kw), axis_name="batch"))
+  s = jax.tree.map(lambda x: x[None], state)
+  for _ in range(3):
+    s, _ = step(s, jnp.zeros((1, 16, 8, 8, 1)), jnp.arange(16)[None])
+  d = config.optim.ema_decay
+  jax.tree.map(lambda e, p: np.testing.assert_allclose(e[0], (1 - d**3) * p, rtol=1e-5, atol=1e-7),
+               s.ema_params, state.params)
+  assert int(s.step[0]) == 3
+
+
+def _run(config, workdir):
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def test_resume_after_stop_is_bit_equal_to_an_uninterrupted_run(tmp_path):
+  straight = _run(tiny_config(num_train_steps=4), tmp_path / "straight")
+  two = _run(tiny_config(num_train_steps=2), tmp_path / "resumed")
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2"]
+  resumed = _run(tiny_config(num_train_steps=4), tmp_path / "resumed")
+  assert int(resumed.step) == int(straight.step) == 4
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  # And steps 3-4 did train: params moved on from the 2-step state.
+  assert max_rel_diff(two.params, straight.params) > 1e-6
+
+
+def test_loss_falls_on_digits(tmp_path, monkeypatch):
+  config = tiny_config(num_train_steps=200, checkpoint_every_steps=0, log_every_steps=20)
+  losses = []
+  class Recorder(metric_writers.MetricWriter):
+    def write_scalars(self, step, scalars):
+      if "loss" in scalars:
+        losses.append(scalars["loss"])
+    write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = (
+        lambda self, *a, **k: None)
+    write_hparams = flush = close = lambda self, *a, **k: None
+  monkeypatch.setattr(train.metric_writers, "create_default_writer", lambda *a, **k: Recorder())
+  _run(config, tmp_path)
+  assert len(losses) == 10
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("training.batch_size", 12, "training.batch_size 12 is not divisible by the 8 devices"),
+    ("data.image_size", 9, "image size 9 is not divisible by 2\\^1"),
+    ("data.source", "cifar100", "source"),
+    ("training.steps_per_dispatch", 0, "training.steps_per_dispatch must be >= 1"),
+])
+def test_bad_configs_fail_at_start_with_one_line_errors(tmp_path, field, value, msg):
+  config = tiny_config(num_train_steps=2)
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises(ValueError, match=msg) as e:
+    _run(config, tmp_path)
+  assert "\n" not in str(e.value)
+  assert not glob.glob(str(tmp_path / "**" / "checkpoints" / "*"), recursive=True)
+
+
+def test_main_trains_writes_checkpoint_events_and_samples(tmp_path):
+  overrides = ["--config.data.image_size=8", "--config.model.ch_mult=(1,2)", "--config.model.attn_resolutions=(4,)",
+               "--config.diffusion.num_timesteps=20", "--config.training.batch_size=8",
+               "--config.training.num_train_steps=4", "--config.training.log_every_steps=2",
+               "--config.training.checkpoint_every_steps=2", "--config.training.sample_every_steps=0",
+               "--config.training.num_grid_samples=4", "--config.sampling.num_samples=6",
+               "--config.sampling.batch_size=4"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  base = [sys.executable, "main.py", "--config=configs/digits.py", f"--workdir={tmp_path}"] + overrides
+  subprocess.run(base, cwd=REPO, env=env, check=True, capture_output=True)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert os.path.exists(tmp_path / "config.json")
+  subprocess.run(base + ["--mode=sample"], cwd=REPO, env=env, check=True, capture_output=True)
+  out = tmp_path / "samples" / "step_00000004"
+  arr = np.concatenate([np.load(p)["arr_0"] for p in sorted(glob.glob(str(out / "samples_*.npz")))])
+  assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8 and arr.std() > 0
+  assert os.path.exists(out / "grid.png")
