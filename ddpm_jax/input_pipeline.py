@@ -96,12 +96,14 @@ def _npz(path, size, channels):
   if not os.path.isfile(path):
     raise ValueError(f"data.path {path!r} is not a file; point it at an .npz holding arr_0 (uint8 NHWC).")
   try:
-    with np.load(path, allow_pickle=False) as f:
-      if "arr_0" not in f.files:
-        raise ValueError(f"{path} has no 'arr_0' (it has {f.files}); save the images with np.savez(path, images).")
-      array = f["arr_0"]
-  except (OSError, EOFError) as e:  # zipfile.BadZipFile is an OSError subclass
-    raise ValueError(f"cannot read {path} as .npz ({e}); write it with np.savez.") from None
+    f = np.load(path, allow_pickle=False)  # never unpickles: a pickle or other file raises ValueError
+  except (OSError, EOFError, ValueError) as e:
+    raise ValueError(f"cannot read {path} as .npz ({str(e).splitlines()[0]}); write it with np.savez.") from None
+  if not isinstance(f, np.lib.npyio.NpzFile) or "arr_0" not in f.files:
+    found = f.files if isinstance(f, np.lib.npyio.NpzFile) else "a single .npy array"
+    raise ValueError(f"{path} has no 'arr_0' (it has {found}); save the images with np.savez(path, images).")
+  with f:
+    array = f["arr_0"]
   if array.dtype != np.uint8 or array.ndim not in (3, 4):
     raise ValueError(f"{path}: arr_0 is {array.dtype} of shape {array.shape}; it must be uint8 [N, H, W(, C)].")
   if array.ndim == 3:
@@ -122,16 +124,20 @@ def _tfds(c):
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(f"unknown tfds data set {c.name!r}; check data.name against `tfds list` "
                      "(e.g. cifar10, celeb_a_hq/256, lsun/church_outdoor).") from None
-  if not builder.is_prepared():  # data_source would otherwise start a download
-    raise ValueError(f"tfds data set {c.name!r} is not prepared in {builder.data_dir}; run `tfds build {c.name} "
-                     f"--data_dir=DIR` (or download_and_prepare) first, then set data.data_dir=DIR.")
-  if c.split not in builder.info.splits:
-    raise ValueError(f"tfds data set {c.name!r} has no split {c.split!r}; choose one of "
-                     f"{sorted(builder.info.splits)}.")
   if c.image_key not in builder.info.features:
     raise ValueError(f"tfds data set {c.name!r} has no feature {c.image_key!r}; set data.image_key to one of "
                      f"{sorted(builder.info.features)}.")
-  source = tfds.data_source(c.name, split=c.split, data_dir=data_dir, download=False)
+  try:  # download=False: a missing data set is an error here, never a download
+    source = tfds.data_source(c.name, split=c.split, data_dir=data_dir, download=False)
+  except Exception:  # pylint: disable=broad-except  # tfds raises several types; say what to do instead
+    if not builder.is_prepared():
+      raise ValueError(f"tfds data set {c.name!r} is not prepared in {builder.data_dir}; run `tfds build {c.name} "
+                       f"--data_dir=DIR` (or download_and_prepare) first, then set data.data_dir=DIR.") from None
+    if c.split not in builder.info.splits:
+      raise ValueError(f"tfds data set {c.name!r} has no split {c.split!r}; set data.split to one of "
+                       f"{sorted(builder.info.splits)}.") from None
+    raise ValueError(f"tfds data set {c.name!r} in {builder.data_dir} is not in a random-access format; rebuild it "
+                     f"with `tfds build {c.name} --file_format=array_record`.") from None
   return _TfdsSource(source, c.image_key, c.image_size, c.channels, c.name)
 
 
