@@ -1,0 +1,86 @@
+"""Nothing lost: torn checkpoints, incompatible restarts, non-finite steps, SIGTERM."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import train
+from test_train import REPO, tiny_config
+
+
+def _leaves_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_restart_with_a_different_model_is_refused_and_nothing_is_touched(tmp_path):
+  train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+  before = sorted(glob.glob(str(tmp_path / "**"), recursive=True))
+  config = tiny_config(num_train_steps=4)
+  config.model.ch = 64
+  config.diffusion.num_timesteps = 200
+  with pytest.raises(ValueError, match="diffusion.num_timesteps: 100 -> 200; model.ch: 32 -> 64") as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert sorted(glob.glob(str(tmp_path / "**"), recursive=True)) == before
+  # Changing only the run length is fine.
+  assert int(train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path)).step) == 4
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  straight = train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "straight"))
+  work = tmp_path / "torn"
+  train.train_and_evaluate(tiny_config(num_train_steps=4), str(work))
+  assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"]
+  for path in glob.glob(str(work / "checkpoints" / "4" / "state" / "**"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "r+b") as f:  # truncate every file of step 4's state
+        f.truncate(max(0, os.path.getsize(path) // 3))
+  with caplog.at_level("WARNING"):
+    resumed = train.train_and_evaluate(tiny_config(num_train_steps=4), str(work))
+  assert "step 4" in caplog.text and "falling back to step 2" in caplog.text
+  _leaves_equal(resumed, straight)  # steps 3-4 were retrained exactly
+  assert glob.glob(str(work / "checkpoints" / "4.unreadable-*"))  # kept for inspection, not deleted
+  assert sorted(d for d in os.listdir(work / "checkpoints") if d.isdigit()) == ["2", "4"]
+
+
+def test_nonfinite_steps_stop_the_run_or_are_skipped(tmp_path):
+  config = tiny_config(num_train_steps=4)
+  config.optim.lr = 1e38  # the first update overflows the params; later losses are inf/NaN
+  config.optim.warmup_steps = 0
+  with pytest.raises(FloatingPointError, match="non-finite loss or gradient .* up to step 2") as e:
+    train.train_and_evaluate(config, str(tmp_path / "stop"))
+  assert "last checkpoint (step None) is intact" in str(e.value)
+  assert not glob.glob(str(tmp_path / "stop" / "checkpoints" / "[0-9]*"))
+  config.training.skip_nonfinite_steps = True
+  state = train.train_and_evaluate(config, str(tmp_path / "skip"))
+  assert int(state.step) == 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))  # no NaN reached the state
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "main.py", "--config=configs/digits.py", f"--workdir={tmp_path}",
+         "--config.data.image_size=8", "--config.model.ch_mult=(1,2)", "--config.model.attn_resolutions=(4,)",
+         "--config.training.batch_size=8", "--config.training.num_train_steps=100000",
+         "--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=0",
+         "--config.training.sample_every_steps=0"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  for line in proc.stderr:  # wait until steps are running
+    if "loss=" in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  sent = time.time()
+  rest = proc.communicate(timeout=60)[1]
+  assert proc.returncode == 0, rest[-2000:]
+  assert time.time() - sent < 30  # inside a Cloud TPU preemption notice
+  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert len(steps) == 1 and steps[0] > 0
+  assert "Stopped at step" in rest
