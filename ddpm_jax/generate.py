@@ -66,7 +66,7 @@ def sample_to_dir(config, workdir, out_dir=None):
   if jax.process_index() == 0:
     first_shard = np.load(sorted(glob.glob(os.path.join(out_dir, "samples_*.npz")))[0])["arr_0"]
     grid = images.make_grid(first_shard[:64])
-    images.save_png(os.path.join(out_dir, "grid.png"), grid, upscale=max(1, 256 // grid.shape[0]))
+    images.save_png(os.path.join(out_dir, "grid.png"), grid, upscale=max(1, 512 // grid.shape[0]))
   return out_dir
 
 

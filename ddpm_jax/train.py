@@ -163,7 +163,7 @@ def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step
   grid = images.make_grid(images.to_uint8(jax.device_get(x)))
   if jax.process_index() == 0:
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-    images.save_png(path, grid, upscale=max(1, 256 // grid.shape[0]))
+    images.save_png(path, grid, upscale=max(1, 512 // grid.shape[0]))
     writer.write_images(step, {"samples": grid[None]})
     logging.info("Wrote %s", path)
 
