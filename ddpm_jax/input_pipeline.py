@@ -3,7 +3,8 @@
 The global batch at step s is a pure function of (seed, s, global batch size, data set): global slot g = s·B + j
 reads example perm_e(g mod N) of epoch e = g div N (grain's index shuffle, reseeded per epoch), flipped or not by a
 coin keyed on (seed, g). Host h of P reads slots j ∈ [h·B/P, (h+1)·B/P). So a resumed run, or a run on another
-number of hosts, sees exactly the batches of an uninterrupted one.
+number of hosts, sees exactly the batches of an uninterrupted one. The seed is hashed first: grain reseeds epoch e
+with shuffle_seed + e, so raw seeds 0 and 1 would otherwise share their epoch orders, shifted by one epoch.
 """
 import glob
 import os
@@ -17,17 +18,19 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def _fit(image, size, channels, name):
-  """uint8 [H, W, C] (or [H, W]) → uint8 [size, size, channels]: channel conversion, short-side resize, centre crop."""
+  """uint8 [H, W, C] (or [H, W]) → uint8 [size, size, channels]: convert channels, resize short side, centre-crop."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f"{name} has dtype {image.dtype}, not uint8; store images as uint8 0-255.")
   if image.ndim == 2:
     image = image[..., None]
+  if image.shape[-1] == 4:  # alpha carries no image content here
+    image = image[..., :3]
   if image.shape[-1] != channels:
     if image.shape[-1] == 1:
       image = np.repeat(image, channels, axis=-1)
-    else:  # RGB(A) → L with Pillow's weights
-      image = np.asarray(Image.fromarray(image[..., :3]).convert("L"))[..., None]
+    else:  # RGB → L with Pillow's weights
+      image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
   h, w = image.shape[:2]
   if (h, w) == (size, size):
     return image
@@ -37,6 +40,10 @@ def _fit(image, size, channels, name):
   left, top = (pil.width - size) // 2, (pil.height - size) // 2
   out = np.asarray(pil.crop((left, top, left + size, top + size)))
   return out[..., None] if channels == 1 else out
+
+
+def _first_line(error):
+  return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 class _ArraySource:
@@ -67,8 +74,8 @@ class _FolderSource:
       with Image.open(path) as img:
         img = img.convert("L" if self.channels == 1 else "RGB")
         arr = np.asarray(img)
-    except OSError as e:
-      raise ValueError(f"cannot decode image {path} ({e}); delete or replace the file.") from None
+    except (OSError, SyntaxError) as e:  # Pillow's plugins raise SyntaxError for some malformed headers
+      raise ValueError(f"cannot decode image {path} ({_first_line(e)}); delete or replace the file.") from None
     return _fit(arr, self.size, self.channels, path)
 
 
@@ -98,7 +105,7 @@ def _npz(path, size, channels):
   try:
     f = np.load(path, allow_pickle=False)  # never unpickles: a pickle or other file raises ValueError
   except (OSError, EOFError, ValueError) as e:
-    raise ValueError(f"cannot read {path} as .npz ({str(e).splitlines()[0]}); write it with np.savez.") from None
+    raise ValueError(f"cannot read {path} as .npz ({_first_line(e)}); write it with np.savez.") from None
   if not isinstance(f, np.lib.npyio.NpzFile) or "arr_0" not in f.files:
     found = f.files if isinstance(f, np.lib.npyio.NpzFile) else "a single .npy array"
     raise ValueError(f"{path} has no 'arr_0' (it has {found}); save the images with np.savez(path, images).")
@@ -129,15 +136,16 @@ def _tfds(c):
                      f"{sorted(builder.info.features)}.")
   try:  # download=False: a missing data set is an error here, never a download
     source = tfds.data_source(c.name, split=c.split, data_dir=data_dir, download=False)
-  except Exception:  # pylint: disable=broad-except  # tfds raises several types; say what to do instead
+  except Exception as e:  # pylint: disable=broad-except  # tfds raises several types; say what to do instead
     if not builder.is_prepared():
       raise ValueError(f"tfds data set {c.name!r} is not prepared in {builder.data_dir}; run `tfds build {c.name} "
                        f"--data_dir=DIR` (or download_and_prepare) first, then set data.data_dir=DIR.") from None
     if c.split not in builder.info.splits:
       raise ValueError(f"tfds data set {c.name!r} has no split {c.split!r}; set data.split to one of "
                        f"{sorted(builder.info.splits)}.") from None
-    raise ValueError(f"tfds data set {c.name!r} in {builder.data_dir} is not in a random-access format; rebuild it "
-                     f"with `tfds build {c.name} --file_format=array_record`.") from None
+    raise ValueError(f"cannot open tfds data set {c.name!r} split {c.split!r} in {builder.data_dir} "
+                     f"({_first_line(e)}); if it is not array_record, rebuild it with "
+                     f"`tfds build {c.name} --file_format=array_record`.") from None
   return _TfdsSource(source, c.image_key, c.image_size, c.channels, c.name)
 
 
@@ -170,20 +178,27 @@ def _maybe_flip(image, rng):
 def create_dataset(data_config, *, seed, global_batch_size, process_index, process_count, source=None):
   """grain.MapDataset whose element s is this host's batch of step s: float32 [B/P, H, W, C] in [-1, 1]."""
   if global_batch_size % process_count:
-    raise ValueError(f"training.batch_size {global_batch_size} is not divisible by the {process_count} hosts.")
+    raise ValueError(f"training.batch_size {global_batch_size} is not divisible by the {process_count} hosts; "
+                     "use a multiple of them.")
   source = make_source(data_config) if source is None else source
   if len(source) == 0:
-    raise ValueError(f"data set {data_config.name!r} ({data_config.source}) has no examples.")
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()  # each epoch reshuffled, O(1) per index
+    where = data_config.name if data_config.source == "tfds" else data_config.path
+    raise ValueError(f"data.source {data_config.source!r} ({where}) has no examples; point it at a non-empty data set.")
+  shuffle_seed, flip_seed = (int(x) for x in np.random.SeedSequence(seed).generate_state(2))
+  # repeat() passes the global slot g through; shuffle reseeds each epoch g // N itself: a pure function of g.
+  ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
   if data_config.random_flip:
-    ds = ds.random_map(_maybe_flip, seed=seed + 1)  # keyed on the global slot, not on host or history
+    ds = ds.random_map(_maybe_flip, seed=flip_seed)  # Philox keyed on (flip_seed, g), not on host or history
   ds = ds.batch(global_batch_size // process_count)[process_index::process_count]
   return ds.map(lambda x: x.astype(np.float32) / 127.5 - 1.0)
 
 
 def batches(data_config, *, seed, global_batch_size, start_step, num_local_devices, process_index=None,
             process_count=None, num_threads=2):
-  """This host's batches for steps start_step, start_step + 1, …, each [devices, per_device, H, W, C]."""
+  """This host's batches for steps start_step, start_step + 1, …, each [devices, per_device, H, W, C].
+
+  Not a generator function, so a bad config or data set raises here rather than at the first next().
+  """
   import jax  # pylint: disable=g-import-not-at-top  # keep this module importable without initialising JAX
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -193,5 +208,4 @@ def batches(data_config, *, seed, global_batch_size, start_step, num_local_devic
   ds = create_dataset(data_config, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
                       process_count=process_count)
   it = ds[start_step:].to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
-  for batch in it:
-    yield batch.reshape((num_local_devices, -1) + batch.shape[1:])
+  return (batch.reshape((num_local_devices, -1) + batch.shape[1:]) for batch in it)
