@@ -25,7 +25,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step, state, data_state):
-    """Saves an unreplicated state (arrays on any device) and a JSON-serialisable data position."""
+    """Saves a host (NumPy) state, identical on every process, and a JSON-serialisable data position."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=ocp.args.JsonSave(data_state)))
 
@@ -73,5 +73,5 @@ class Checkpointer:
 
 
 def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) of a pytree: the restore target Orbax needs."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  """Shapes and dtypes of a pytree, without shardings: Orbax then restores host NumPy arrays on every process."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

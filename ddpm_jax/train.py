@@ -238,7 +238,9 @@ def train_and_evaluate(config, workdir):
   state = flax.jax_utils.replicate(state)
 
   def save(step):
-    checkpointer.save(step, unreplicate(state), dict(global_batch_size=global_batch, seed=config.seed, next_step=step))
+    # Host NumPy copies: Orbax cannot save the process-local device arrays that pmap leaves on a multi-host run.
+    checkpointer.save(step, jax.device_get(unreplicate(state)),
+                      dict(global_batch_size=global_batch, seed=config.seed, next_step=step))
 
   report = periodic_actions.ReportProgress(num_train_steps=t_cfg.num_train_steps, writer=writer)
   pending_metrics, step, skipped_total = [], start_step, 0

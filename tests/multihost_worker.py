@@ -1,0 +1,24 @@
+"""One process of a 2-process cluster on 127.0.0.1 (run by tests/test_multihost.py, not collected by pytest).
+
+argv: coordinator_port process_id workdir num_train_steps
+"""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from ddpm_jax import cluster  # pylint: disable=g-import-not-at-top
+from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+
+port, pid, workdir, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+cluster.initialize(f"127.0.0.1:{port}", 2, pid)
+assert jax.process_count() == 2 and jax.device_count() == 4
+state = train.train_and_evaluate(tiny_config(num_train_steps=steps), workdir)
+np.savez(os.path.join(workdir, f"final_params_process{pid}.npz"),
+         **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))})
