@@ -1,0 +1,112 @@
+"""Fault injection: kill a digits training run at random moments, resume it each time, compare with an unkilled run.
+
+  python benchmarks/fault_injection.py --kills=10 --signal=KILL [--corrupt_latest] [--seed=0] [--workdir=DIR]
+
+Prints `kills survived / kills tried, steps lost, final params equal`. With --signal=TERM each kill is a graceful
+stop (checkpoint, exit 0); with --corrupt_latest the newest checkpoint is truncated after every kill, so each resume
+must fall back to the one before. A persistent compilation cache makes the restarts cheap.
+"""
+import argparse
+import glob
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/digits.py", "--config.data.image_size=8", "--config.model.ch_mult=(1,2)",
+        "--config.model.attn_resolutions=(4,)", "--config.diffusion.num_timesteps=100", "--config.training.batch_size=8",
+        "--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=3",
+        "--config.training.sample_every_steps=0", "--config.training.keep_checkpoints=5"]
+
+
+def _env(cache_dir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return env
+
+
+def _cmd(workdir, steps):
+  return [sys.executable, "main.py", f"--workdir={workdir}"] + TINY + [f"--config.training.num_train_steps={steps}"]
+
+
+def final_params(workdir):
+  """The newest checkpoint's state leaves as NumPy arrays (read back with Orbax, as training does)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  import jax  # pylint: disable=g-import-not-at-top
+  return step, [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def _corrupt_latest(workdir):
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  if len(steps) < 2:
+    return None
+  for path in glob.glob(os.path.join(workdir, "checkpoints", str(steps[-1]), "state", "**"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)
+  return steps[-1]
+
+
+def run(kills, sig, corrupt_latest, seed, workdir, steps):
+  rng = random.Random(seed)
+  cache = os.path.join(workdir, "jax_cache")
+  env = _env(cache)
+  ref, victim = os.path.join(workdir, "reference"), os.path.join(workdir, "killed")
+  subprocess.run(_cmd(ref, steps), cwd=REPO, env=env, check=True, capture_output=True)
+  survived, steps_lost = 0, 0
+  for k in range(kills):
+    proc = subprocess.Popen(_cmd(victim, steps), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    target = rng.randint(2, 9)  # steps to let pass before the kill, counted from this start
+    seen, first = None, None
+    for line in proc.stderr:
+      m = re.search(r"\] \[(\d+)\] .*loss=", line) or re.search(r"\[(\d+)\] grad_norm=", line)
+      if m:
+        seen = int(m.group(1))
+        first = seen if first is None else first
+        if seen - first + 1 >= target:
+          break
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL if sig == "KILL" else signal.SIGTERM)
+    proc.communicate(timeout=120)
+    ckpts = [int(d) for d in os.listdir(os.path.join(victim, "checkpoints")) if d.isdigit()]
+    saved = max(ckpts) if ckpts else 0
+    if corrupt_latest and _corrupt_latest(victim) is not None:
+      saved = sorted(ckpts)[-2]
+    steps_lost += max(0, (seen or 0) - saved)
+    print(f"kill {k + 1}: signal {sig} after step {seen}, resuming from step {saved}", flush=True)
+    survived += 1
+  subprocess.run(_cmd(victim, steps), cwd=REPO, env=env, check=True, capture_output=True)
+  (ref_step, ref_leaves), (step, leaves) = final_params(ref), final_params(victim)
+  equal = ref_step == step == steps and all(np.array_equal(a, b) for a, b in zip(ref_leaves, leaves))
+  print(f"kills survived / kills tried: {survived} / {kills}, steps lost: {steps_lost}, final params equal: {equal}")
+  return equal
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--kills", type=int, default=3)
+  parser.add_argument("--signal", choices=["KILL", "TERM"], default="KILL")
+  parser.add_argument("--corrupt_latest", action="store_true")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=40, help="length of the training run")
+  parser.add_argument("--workdir", default=None)
+  args = parser.parse_args()
+  workdir = args.workdir or tempfile.mkdtemp(prefix="ddpm_faults_")
+  t0 = time.time()
+  ok = run(args.kills, args.signal, args.corrupt_latest, args.seed, workdir, args.steps)
+  print(f"({time.time() - t0:.0f} s, workdir {workdir})")
+  sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,13 @@
+"""kill -9 at random steps, three times, then resume: the final state equals an unkilled run's, bit for bit."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_three_random_kill9s_leave_the_final_params_bit_equal(tmp_path):
+  out = subprocess.run([sys.executable, "benchmarks/fault_injection.py", "--kills=3", "--steps=24", "--seed=1",
+                        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "kills survived / kills tried: 3 / 3" in out.stdout and "final params equal: True" in out.stdout
