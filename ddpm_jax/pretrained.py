@@ -1,0 +1,102 @@
+"""Weights of other implementations in our U-Net: the diffusers `UNet2DModel` naming, read from safetensors.
+
+Our parameter paths are the authors' TF scopes (`down_1/block_0/conv1/kernel`); `diffusers_key` gives the
+diffusers name of each (`down_blocks.1.resnets.0.conv1.weight`; the up path is numbered from the bottom, so our
+`up_l` is diffusers' `up_blocks.{L−1−l}`). Files are read with safetensors into NumPy: a pickle is never loaded.
+"""
+import os
+
+import flax
+import numpy as np
+
+_BLOCK = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+          "nin_shortcut": "conv_shortcut"}
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}  # diffusers < 0.20 names
+_TOP = {"conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _module(kind, index):
+  if kind.startswith("block_"):
+    return f"resnets.{index}"
+  return f"attentions.{index}"
+
+
+def diffusers_key(path, num_levels):
+  """Our param path (tuple of names) → the diffusers UNet2DModel state-dict key."""
+  *scopes, leaf = path
+  leaf = "weight" if leaf in ("kernel", "scale") else "bias"
+  head = scopes[0]
+  if head in _TOP:
+    return f"{_TOP[head]}.{leaf}"
+  if head == "temb":
+    return f"time_embedding.linear_{int(scopes[1][-1]) + 1}.{leaf}"
+  if head == "mid":  # mid/block_1, mid/attn_1, mid/block_2
+    block, layer = scopes[1], scopes[2]
+    if block.startswith("attn"):
+      return f"mid_block.attentions.0.{_ATTN[layer]}.{leaf}"
+    return f"mid_block.resnets.{int(block[-1]) - 1}.{_BLOCK[layer]}.{leaf}"
+  level = int(head.split("_")[1])
+  prefix = f"down_blocks.{level}" if head.startswith("down") else f"up_blocks.{num_levels - 1 - level}"
+  child, layer = scopes[1], scopes[2]
+  if child in ("downsample", "upsample"):
+    return f"{prefix}.{child}rs.0.conv.{leaf}"
+  index = int(child.split("_")[1])
+  table = _BLOCK if child.startswith("block") else _ATTN
+  return f"{prefix}.{_module(child, index)}.{table[layer]}.{leaf}"
+
+
+def _to_flax_layout(array, target_shape):
+  """A torch tensor (OIHW conv, [out, in] linear, [out, in, 1, 1] 1×1 conv) in our layout (HWIO, [in, out])."""
+  if array.ndim == 4 and len(target_shape) == 4:
+    return np.transpose(array, (2, 3, 1, 0))
+  if array.ndim == 4:  # 1×1 conv shortcut stored as a conv in diffusers, a dense layer here
+    return array[:, :, 0, 0].T
+  if array.ndim == 2:
+    return array.T
+  return array
+
+
+def params_from_diffusers(state, abstract_params, num_levels):
+  """Our params tree from a diffusers state dict (name → NumPy array), shaped like abstract_params.
+
+  Raises a one-line ValueError naming the first missing or mis-shaped tensor and the shape it should have.
+  """
+  keys = dict(state)
+  for new, old in _LEGACY_ATTN.items():  # accept the pre-0.20 attention names too
+    for k in list(keys):
+      if f".{old}." in k:
+        keys[k.replace(f".{old}.", f".{new}.")] = keys.pop(k)
+  flat = {}
+  for path, leaf in flax.traverse_util.flatten_dict(abstract_params).items():
+    key = diffusers_key(path, num_levels)
+    if key not in keys:
+      raise ValueError(f"the checkpoint has no tensor {key!r} (our {'/'.join(path)}, shape {tuple(leaf.shape)}); "
+                       "it is not a DDPM U-Net of this configuration.")
+    value = _to_flax_layout(np.asarray(keys.pop(key), np.float32), leaf.shape)
+    if value.shape != tuple(leaf.shape):
+      raise ValueError(f"tensor {key!r} has shape {value.shape} in our layout, expected {tuple(leaf.shape)} for "
+                       f"{'/'.join(path)}; the checkpoint belongs to a U-Net of another size.")
+    flat[path] = value
+  if keys:
+    raise ValueError(f"the checkpoint has {len(keys)} tensors our U-Net does not use, e.g. {sorted(keys)[0]!r}; "
+                     "check the model configuration.")
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def read_safetensors(path):
+  """name → NumPy array from a .safetensors file (or a diffusers folder holding one); pickles are refused."""
+  if os.path.isdir(path):
+    path = os.path.join(path, "diffusion_pytorch_model.safetensors")
+  if path.endswith(PICKLE_SUFFIXES):
+    raise ValueError(f"{path} is a pickle, which is never loaded (it can run code); use the .safetensors file or "
+                     "re-save it with diffusers: UNet2DModel.from_pretrained(DIR).save_pretrained(OUT).")
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} not found; pass a diffusion_pytorch_model.safetensors file or its folder.")
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    return load_file(path)
+  except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types
+    raise ValueError(f"cannot read {path} as safetensors ({str(e).splitlines()[0]}); the file may be truncated "
+                     "or not a safetensors file.") from None

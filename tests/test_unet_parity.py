@@ -1,0 +1,112 @@
+"""Our U-Net against diffusers' UNet2DModel (PyTorch) with the same random weights: the same function."""
+import csv
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import pretrained
+from ddpm_jax.models import unet
+
+torch = pytest.importorskip("torch", reason="the diffusers cross-checks need torch==2.13.0 (the test extra)")
+diffusers = pytest.importorskip("diffusers", reason="the diffusers cross-checks need diffusers (the test extra)")
+TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference_unet_names.tsv")
+LEAF = {"W": "kernel", "b": "bias", "gamma": "scale", "beta": "bias"}
+
+
+def diffusers_unet(ch, ch_mult, attn_level, size):
+  """diffusers' equivalent of the paper's U-Net (REFERENCE.md §1), attention on level attn_level."""
+  levels = len(ch_mult)
+  down = ["AttnDownBlock2D" if l == attn_level else "DownBlock2D" for l in range(levels)]
+  up = ["AttnUpBlock2D" if levels - 1 - u == attn_level else "UpBlock2D" for u in range(levels)]
+  torch.manual_seed(0)
+  return diffusers.UNet2DModel(
+      sample_size=size, in_channels=3, out_channels=3, layers_per_block=2,
+      block_out_channels=tuple(ch * m for m in ch_mult), down_block_types=tuple(down), up_block_types=tuple(up),
+      downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
+      attention_head_dim=None, act_fn="silu").eval()
+
+
+def ours_from(model_pt, ours, size):
+  abstract = jax.eval_shape(lambda: ours.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+                                              jnp.zeros((1,), jnp.int32)))["params"]
+  state = {k: v.detach().numpy() for k, v in model_pt.state_dict().items()}
+  return pretrained.params_from_diffusers(state, abstract, len(ours.ch_mult))
+
+
+def compare(model_pt, ours, params, size, batch):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+  t = np.array([0, 999, 500, 17][:batch])
+  with torch.no_grad():
+    ref = model_pt(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t)).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(jax.jit(lambda p, xx, tt: ours.apply({"params": p}, xx, tt))(params, x, t))
+  rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+  assert np.linalg.norm(ref) > 1e-3  # a non-trivial output (diffusers' init is not near-zero)
+  return rel
+
+
+def test_mapping_matches_the_reference_table():
+  if not os.path.exists(TSV):
+    pytest.skip(f"{TSV} not found: run from a checkout with ../shared beside it")
+  with open(TSV) as f:
+    for row in csv.DictReader(f, delimiter="\t"):
+      parts = row["tf_name"].split("/")[1:]
+      assert pretrained.diffusers_key(tuple(parts[:-1] + [LEAF[parts[-1]]]), 4) == row["diffusers_key"], row
+
+
+def test_cifar10_layout_reduced_width_matches_diffusers():
+  torch.set_num_threads(2)
+  pt = diffusers_unet(32, (1, 2, 2, 2), attn_level=1, size=32)
+  ours = unet.UNet(ch=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.0)
+  assert compare(pt, ours, ours_from(pt, ours, 32), 32, batch=4) <= 1e-5
+
+
+def test_256_layout_reduced_width_and_size_matches_diffusers():
+  torch.set_num_threads(2)
+  # The 256² block layout (ch_mult 1,1,2,2,4,4) at 64×64, so attention at 16×16 sits on level 2.
+  pt = diffusers_unet(32, (1, 1, 2, 2, 4, 4), attn_level=2, size=64)
+  ours = unet.UNet(ch=32, ch_mult=(1, 1, 2, 2, 4, 4), attn_resolutions=(16,), dropout=0.0)
+  assert compare(pt, ours, ours_from(pt, ours, 64), 64, batch=2) <= 1e-5
+
+
+def test_full_cifar10_model_matches_diffusers_and_the_paper_param_count():
+  torch.set_num_threads(2)
+  pt = diffusers_unet(128, (1, 2, 2, 2), attn_level=1, size=32)
+  assert sum(p.numel() for p in pt.parameters()) == 35_746_307
+  ours = unet.UNetCIFAR10(dropout=0.0)
+  assert compare(pt, ours, ours_from(pt, ours, 32), 32, batch=2) <= 1e-5
+
+
+def test_bad_checkpoints_get_one_line_errors(tmp_path):
+  pt = diffusers_unet(32, (1, 2, 2, 2), attn_level=1, size=32)
+  ours = unet.UNet(ch=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.0)
+  abstract = jax.eval_shape(lambda: ours.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                              jnp.zeros((1,), jnp.int32)))["params"]
+  state = {k: v.detach().numpy() for k, v in pt.state_dict().items()}
+  # Legacy attention names are accepted.
+  legacy = {k.replace(".to_q.", ".query.").replace(".to_out.0.", ".proj_attn."): v for k, v in state.items()}
+  flax.traverse_util.flatten_dict(pretrained.params_from_diffusers(legacy, abstract, 4))
+  bad = dict(state)
+  bad["down_blocks.1.resnets.0.conv1.weight"] = np.zeros((64, 32, 3, 1), np.float32)
+  with pytest.raises(ValueError, match=r"'down_blocks.1.resnets.0.conv1.weight' has shape .* expected \(3, 3, 32, 64\)"):
+    pretrained.params_from_diffusers(bad, abstract, 4)
+  missing = {k: v for k, v in state.items() if not k.startswith("conv_out.")}
+  with pytest.raises(ValueError, match="no tensor 'conv_out.bias'|no tensor 'conv_out.weight'"):
+    pretrained.params_from_diffusers(missing, abstract, 4)
+  # Files: safetensors round trip; pickles refused without being opened; a truncated file is a clear error.
+  from safetensors.numpy import save_file
+  save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+  loaded = pretrained.read_safetensors(str(tmp_path))
+  np.testing.assert_array_equal(loaded["conv_in.weight"], state["conv_in.weight"])
+  torch.save(pt.state_dict(), tmp_path / "model.bin")
+  with pytest.raises(ValueError, match="is a pickle, which is never loaded"):
+    pretrained.read_safetensors(str(tmp_path / "model.bin"))
+  blob = (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 2])
+  with pytest.raises(ValueError, match="cannot read .*cut.safetensors as safetensors") as e:
+    pretrained.read_safetensors(str(tmp_path / "cut.safetensors"))
+  assert "\n" not in str(e.value)
