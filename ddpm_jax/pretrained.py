@@ -74,7 +74,8 @@ def params_from_diffusers(state, abstract_params, num_levels):
     if key not in keys:
       raise ValueError(f"the checkpoint has no tensor {key!r} (our {'/'.join(path)}, shape {tuple(leaf.shape)}); "
                        "it is not a DDPM U-Net of this configuration.")
-    value = _to_flax_layout(np.asarray(keys.pop(key), np.float32), leaf.shape)
+    # A contiguous copy: the source may be a live torch tensor's memory (a view would change with it).
+    value = np.array(_to_flax_layout(np.asarray(keys.pop(key)), leaf.shape), dtype=np.float32, order="C")
     if value.shape != tuple(leaf.shape):
       raise ValueError(f"tensor {key!r} has shape {value.shape} in our layout, expected {tuple(leaf.shape)} for "
                        f"{'/'.join(path)}; the checkpoint belongs to a U-Net of another size.")
