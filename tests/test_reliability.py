@@ -84,3 +84,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   assert len(steps) == 1 and steps[0] > 0
   assert "Stopped at step" in rest
+
+
+def test_sampling_errors_are_one_line_and_write_nothing(tmp_path):
+  from ddpm_jax import generate
+  config = tiny_config()
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*; train first") as e:
+    generate.sample_to_dir(config, str(tmp_path))
+  assert "\n" not in str(e.value) and not os.listdir(tmp_path)
+  config.sampling.num_samples = 0
+  with pytest.raises(ValueError, match="sampling.num_samples must be > 0, got 0"):
+    generate.sample_to_dir(config, str(tmp_path))
+  config.sampling.num_samples, config.sampling.batch_size = 8, 12
+  with pytest.raises(ValueError, match="sampling.batch_size 12 is not divisible by the 8 devices"):
+    generate.sample_to_dir(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
