@@ -1,4 +1,7 @@
-"""ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR [--mode=train|sample]."""
+"""ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|eval]."""
+import re
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -7,12 +10,14 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from ddpm_jax import cluster
+from ddpm_jax import evaluate
 from ddpm_jax import generate
 from ddpm_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train (resuming if possible); sample: write samples.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                  "train: train (resuming if possible); sample: write samples; eval: FID, IS and bits/dim.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process GPU runs without SLURM.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 … num_processes − 1 (with --coordinator_address).")
@@ -29,12 +34,32 @@ def main(argv):
   logging.info("JAX process %d of %d; local devices %s; %d devices in all.", jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
   logging.info("Config:\n%s", FLAGS.config)
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    out_dir = generate.sample_to_dir(FLAGS.config, FLAGS.workdir)
-    logging.info("Samples in %s", out_dir)
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+      logging.info("Samples in %s", generate.sample_to_dir(FLAGS.config, FLAGS.workdir))
+    else:
+      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    if FLAGS.verbosity > 0:  # --verbosity=1 shows where it came from
+      raise
+    sys.exit(f"main.py: error: {e}")
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a mistyped --config.FIELD as one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections' unknown field, with its "Did you mean" hint
+    text = str(e).replace("\\'", "'")
+    name, mean = re.search(r"'([^']+)'", text), re.search(r'Did you mean "([^"]+)"', text)
+    sys.exit(f"main.py: error: unknown config field {name.group(1) if name else text!r}"
+             f"{f'; did you mean {mean.group(1)!r}?' if mean else '.'} Fix the --config.… flag (the config file "
+             "lists every field).")
+  except flags.Error as e:
+    sys.exit(f"main.py: error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

