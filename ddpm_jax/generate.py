@@ -24,9 +24,12 @@ def load_ema_params(config, workdir):
   restored = None
   if os.path.isdir(ckpt_dir):
     restored = checkpointing.Checkpointer(ckpt_dir).restore(abstract)
+  if restored is None and config.get("restore_from"):
+    from ddpm_jax import convert  # pylint: disable=g-import-not-at-top  # only for converted release weights
+    return model, convert.load_converted(config.restore_from, abstract.params, config), 0
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first (--mode=train) or point --workdir at a "
-                            "trained run.")
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first (--mode=train), point --workdir at a "
+                            "trained run, or pass converted weights with --config.restore_from=DIR.")
   state, _ = restored
   return model, state.ema_params, int(state.step)
 

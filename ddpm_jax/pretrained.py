@@ -101,3 +101,38 @@ def read_safetensors(path):
   except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types
     raise ValueError(f"cannot read {path} as safetensors ({str(e).splitlines()[0]}); the file may be truncated "
                      "or not a safetensors file.") from None
+
+
+EMA_SUFFIX = "/ExponentialMovingAverage"
+
+
+def read_tf_checkpoint(path, abstract_params, weights="ema"):
+  """Our params tree from the authors' TF1 checkpoint (e.g. model.ckpt-790000), EMA shadows by default.
+
+  Read with TensorFlow's checkpoint reader: tensors only, no graph, no pickle.
+  """
+  if weights not in ("ema", "raw"):
+    raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only this reader needs TensorFlow
+  try:
+    reader = tf.train.load_checkpoint(path)
+  except Exception as e:  # pylint: disable=broad-except  # TF raises several error types for bad files
+    raise ValueError(f"cannot read {path} as a TF checkpoint ({str(e).splitlines()[0]}); pass the prefix "
+                     "(…/model.ckpt-790000), not the .index or .data file.") from None
+  available = reader.get_variable_to_shape_map()
+  if weights == "ema" and not any(k.endswith(EMA_SUFFIX) for k in available):
+    raise ValueError(f"{path} holds no EMA shadows (…{EMA_SUFFIX}); convert the raw weights with --weights=raw.")
+  flat = {}
+  for path_, leaf in flax.traverse_util.flatten_dict(abstract_params).items():
+    is_norm = path_[-2].startswith("norm")  # norm1, norm2, norm, norm_out: GroupNorm's gamma/beta
+    tf_leaf = {"kernel": "W", "bias": "beta" if is_norm else "b", "scale": "gamma"}[path_[-1]]
+    name = "model/" + "/".join(path_[:-1] + (tf_leaf,)) + (EMA_SUFFIX if weights == "ema" else "")
+    if name not in available:
+      raise ValueError(f"the checkpoint has no tensor {name!r} (shape {tuple(leaf.shape)}); it is not a DDPM U-Net "
+                       "of this configuration.")
+    value = reader.get_tensor(name)
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(leaf.shape)}; the "
+                       "checkpoint belongs to a U-Net of another size.")
+    flat[path_] = np.asarray(value, np.float32)
+  return flax.traverse_util.unflatten_dict(flat)
