@@ -186,10 +186,14 @@ def check_workdir_config(config, workdir):
       raise ValueError(f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); use the same "
                        "settings to resume it, or a new --workdir.")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(path + ".tmp", path)
+    except OSError as e:  # checked before any training, so no work is lost
+      raise ValueError(f"cannot write to workdir {workdir} ({e.strerror}: {e.filename}); choose a writable "
+                       "--workdir.") from None
 
 
 def _host_summary(pending_metrics):

@@ -99,3 +99,48 @@ def test_sampling_errors_are_one_line_and_write_nothing(tmp_path):
   with pytest.raises(ValueError, match="sampling.batch_size 12 is not divisible by the 8 devices"):
     generate.sample_to_dir(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_a_second_signal_exits_at_once_and_handlers_are_restored():
+  script = ("import os, signal, time\n"
+            "from ddpm_jax.preemption import GracefulStop\n"
+            "before = signal.getsignal(signal.SIGTERM)\n"
+            "with GracefulStop() as stop:\n"
+            "  os.kill(os.getpid(), signal.SIGINT)\n"
+            "  time.sleep(0.1)\n"
+            "  print('first', stop.requested, flush=True)\n"
+            "  with GracefulStop():\n"
+            "    pass\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  time.sleep(10)\n"
+            "  print('still running', flush=True)\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.stdout.split() == ["first", "True"], proc.stdout + proc.stderr
+  assert proc.returncode == 128 + signal.SIGTERM and "Second SIGTERM: exiting now without saving" in proc.stderr
+  restored = ("import signal\nfrom ddpm_jax.preemption import GracefulStop\n"
+              "before = signal.getsignal(signal.SIGTERM)\nwith GracefulStop():\n  pass\n"
+              "assert signal.getsignal(signal.SIGTERM) is before\n")
+  assert subprocess.run([sys.executable, "-c", restored], cwd=REPO, timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("flag, msg", [
+    ("--config.optim.lrr=1", "unknown config field 'lrr'; did you mean 'lr'?"),
+    ("--config.optimm.lr=1", "unknown config field 'optimm'; did you mean 'optim'?"),
+    ("--config.optim.lr=fast", "flag --config.optim.lr=fast: could not convert string to float: 'fast'"),
+    ("--config.training.batch_size=1.5", "--config.training.batch_size=1.5"),
+    ("--mode=evaluate", "value should be one of <train|sample|eval>"),
+])
+def test_command_line_mistakes_are_one_line_errors(tmp_path, flag, msg):
+  cmd = [sys.executable, "main.py", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}", flag]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert msg in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_unwritable_workdir_is_refused_before_training(tmp_path):
+  (tmp_path / "a_file").write_text("mine")
+  with pytest.raises(ValueError, match="cannot write to workdir .*; choose a writable --workdir"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "a_file" / "run"))
+  assert (tmp_path / "a_file").read_text() == "mine"
