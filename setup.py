@@ -24,6 +24,7 @@ setuptools.setup(
         "Pillow>=10",
         "safetensors>=0.4",
         "scikit-learn>=1.5",
+        "scipy>=1.13",  # FID's matrix square root and IS's softmax
         "importlib_resources>=6",
         "absl-py>=2.1",
     ],

@@ -6,6 +6,8 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from ddpm_jax import fileio
+
 
 class Checkpointer:
   """Saves {'state': pytree, 'data': JSON dict} under directory/<step>; async, keeps the newest `max_to_keep`.
@@ -57,7 +59,7 @@ class Checkpointer:
     # Keep the bytes for inspection, out of Orbax's way, so training can save this step number again.
     if jax.process_index() == 0:
       src = os.path.join(self.directory, str(step))
-      os.replace(src, f"{src}.unreadable-{int(time.time())}")
+      fileio.rename(src, f"{src}.unreadable-{int(time.time())}")  # also on gs://
     self.manager.reload()
 
   def reached_preemption(self, step):

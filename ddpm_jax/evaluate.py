@@ -7,7 +7,6 @@ workdir must be a filesystem they share (as for checkpoints): each host writes i
 all after a barrier and writes the results.
 """
 import copy
-import glob
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import numpy as np
 
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import fileio
 from ddpm_jax import generate
 from ddpm_jax import input_pipeline
 from ddpm_jax import sampling
@@ -51,12 +51,6 @@ def settings(config):
 def _barrier(name):
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-def _save_npz(path, **arrays):
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # a killed run never leaves a half-written file under the final name
 
 
 def _logged(images, what, total):
@@ -132,8 +126,7 @@ def _bpd_slices(num_examples, batch_size):
 
 def _shard_indices(path):
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return z["index"]
+    return fileio.load_npz(path)["index"]
   except (OSError, KeyError, ValueError, EOFError):
     return None
 
@@ -147,7 +140,7 @@ def write_bpd_shards(model, params, diffusion, source, num_examples, batch_size,
   if batch_size % jax.device_count():
     raise ValueError(f"eval.bpd_batch_size {batch_size} is not divisible by the {jax.device_count()} devices; "
                      f"use a multiple of {jax.device_count()}.")
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   per_host = batch_size // jax.process_count()
   slices = list(_bpd_slices(num_examples, batch_size))
   replicated = None
@@ -155,7 +148,7 @@ def write_bpd_shards(model, params, diffusion, source, num_examples, batch_size,
     path = os.path.join(out_dir, name)
     if host != jax.process_index():
       continue
-    done = _shard_indices(path) if os.path.exists(path) else None
+    done = _shard_indices(path) if fileio.exists(path) else None
     if done is not None and np.array_equal(done, np.arange(lo, hi)):
       continue
     if replicated is None:
@@ -164,7 +157,7 @@ def write_bpd_shards(model, params, diffusion, source, num_examples, batch_size,
     # Padding to the full per-host batch keeps one shape: the bound compiles once.
     padded = np.concatenate([images, np.zeros((per_host - len(images),) + images.shape[1:], np.uint8)])
     out = bits_per_dim(model, replicated, diffusion, padded, rng, first_index=lo)
-    _save_npz(path, index=np.arange(lo, hi), **{k: v[:hi - lo] for k, v in out.items()})
+    fileio.save_npz(path, index=np.arange(lo, hi), **{k: v[:hi - lo] for k, v in out.items()})
     logging.info("bits/dim shard %d/%d (examples %d-%d): mean %.4f", i + 1, len(slices), lo, hi - 1,
                  out["total"][:hi - lo].mean())
 
@@ -174,10 +167,9 @@ def read_bpd_shards(out_dir, num_examples, batch_size):
   parts = []
   for name, _, lo, hi in _bpd_slices(num_examples, batch_size):
     path = os.path.join(out_dir, name)
-    if not np.array_equal(_shard_indices(path) if os.path.exists(path) else None, np.arange(lo, hi)):
+    if not np.array_equal(_shard_indices(path) if fileio.exists(path) else None, np.arange(lo, hi)):
       raise RuntimeError(f"{path} is missing or does not hold examples {lo}-{hi - 1}; rerun the evaluation.")
-    with np.load(path, allow_pickle=False) as z:
-      parts.append({k: z[k] for k in z.files if k != "index"})
+    parts.append({k: v for k, v in fileio.load_npz(path).items() if k != "index"})
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -227,29 +219,27 @@ def reference_stats(config, workdir, feature_fn, batch_size=DEFAULTS["inception_
   split = data.split if data.source == "tfds" else "all"
   cache = os.path.join(workdir, "eval", f"ref_stats_{_data_name(data)}_{split}.npz")
   description = f"{data.source} {_data_name(data)} {split} ({len(source)} images), cached in {cache}"
-  if os.path.exists(cache):
-    with np.load(cache, allow_pickle=False) as z:
-      cached_key = str(z["data"]) if "data" in z.files else None
+  if fileio.exists(cache):
+    cached = fileio.load_npz(cache)
+    cached_key = str(cached["data"]) if "data" in cached else None
     if cached_key == key:
-      mu, sigma = fid.load_stats(cache)
+      mu, sigma = cached["mu"], cached["sigma"]
       logging.info("Reference statistics from the cache %s", cache)
       return mu, sigma, description
     logging.warning("%s was computed from other data (%s); recomputing for %s", cache, cached_key, key)
   images = _logged((source[i] for i in range(len(source))), "the reference data", len(source))
   mu, sigma = fid.stats_from_features(fid.compute_features(feature_fn, images, batch_size)["pool_3"])
-  os.makedirs(os.path.dirname(cache), exist_ok=True)
-  _save_npz(cache, mu=mu, sigma=sigma, data=np.array(key))
+  fileio.save_npz(cache, mu=mu, sigma=sigma, data=np.array(key))
   return mu, sigma, description
 
 
 def _first_samples(sample_dir, num_samples):
   """The first num_samples images of sample_to_dir's shards in global order, streamed shard by shard."""
   left = num_samples
-  for path in sorted(glob.glob(os.path.join(sample_dir, "samples_*.npz"))):
+  for path in sorted(fileio.glob(os.path.join(sample_dir, "samples_*.npz"))):
     if left <= 0:
       return
-    with np.load(path, allow_pickle=False) as z:
-      arr = z["arr_0"][:left]
+    arr = fileio.load_npz(path)["arr_0"][:left]
     left -= len(arr)
     yield arr
   if left > 0:
@@ -328,13 +318,9 @@ def evaluate(config, workdir):
     if num_bpd != 0:
       results["bpd"] = dict(summarize_bpd(read_bpd_shards(bpd_dir, num_bpd, s["bpd_batch_size"])), data=bpd_data,
                             timesteps=diffusion.num_timesteps)
-    os.makedirs(eval_dir, exist_ok=True)
-    with open(results_path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(results_path + ".tmp", results_path)
+    fileio.write_text(results_path, json.dumps(results, indent=2))
     logging.info("Results in %s: %s", results_path, json.dumps(results))
   _barrier("eval: results written")
   if jax.process_index() != 0:
-    with open(results_path) as f:
-      results = json.load(f)
+    results = json.loads(fileio.read_text(results_path))
   return results

@@ -1,5 +1,4 @@
 """--mode=sample: draw samples from a trained (or converted) model's EMA params and write .npz shards + a grid."""
-import glob
 import logging
 import os
 
@@ -9,6 +8,7 @@ import numpy as np
 
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import fileio
 from ddpm_jax import images
 from ddpm_jax import sampling
 from ddpm_jax import train
@@ -22,7 +22,7 @@ def load_ema_params(config, workdir):
   abstract = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), model, tx, image_shape))
   ckpt_dir = os.path.join(workdir, "checkpoints")
   restored = None
-  if os.path.isdir(ckpt_dir):
+  if fileio.isdir(ckpt_dir):
     restored = checkpointing.Checkpointer(ckpt_dir).restore(abstract)
   if restored is None and config.get("restore_from"):
     from ddpm_jax import convert  # pylint: disable=g-import-not-at-top  # only for converted release weights
@@ -50,24 +50,22 @@ def sample_to_dir(config, workdir, out_dir=None):
   model, params, step = load_ema_params(config, workdir)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step:08d}")
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   replicated = flax.jax_utils.replicate(params)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
   num_shards = -(-num // batch)
   for b in range(num_shards):
     path = os.path.join(out_dir, f"samples_{b:05d}_host{jax.process_index()}.npz")
-    if os.path.exists(path):
+    if fileio.exists(path):
       continue
     first = b * batch + jax.process_index() * per_host
     x = sampling.sample_sharded(model, replicated, diffusion, rng, per_host, shape, first_index=first)
     x = images.to_uint8(jax.device_get(x))[:max(0, min(per_host, num - first))]
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, arr_0=x)
-    os.replace(tmp, path)  # a killed run never leaves a half-written shard under the final name
+    fileio.save_npz(path, arr_0=x)  # atomic: a killed run never leaves a half-written shard under the final name
     logging.info("Wrote shard %d/%d (%d images) to %s", b + 1, num_shards, len(x), path)
   if jax.process_index() == 0:
-    first_shard = np.load(sorted(glob.glob(os.path.join(out_dir, "samples_*.npz")))[0])["arr_0"]
+    first_shard = fileio.load_npz(sorted(fileio.glob(os.path.join(out_dir, "samples_*.npz")))[0])["arr_0"]
     grid = images.make_grid(first_shard[:64])
     images.save_png(os.path.join(out_dir, "grid.png"), grid, upscale=max(1, 512 // grid.shape[0]))
   return out_dir
@@ -75,5 +73,5 @@ def sample_to_dir(config, workdir, out_dir=None):
 
 def load_samples(out_dir):
   """All samples written by sample_to_dir, uint8 [N, H, W, C], in global order."""
-  paths = sorted(glob.glob(os.path.join(out_dir, "samples_*.npz")))
-  return np.concatenate([np.load(p, allow_pickle=False)["arr_0"] for p in paths])
+  paths = sorted(fileio.glob(os.path.join(out_dir, "samples_*.npz")))
+  return np.concatenate([fileio.load_npz(p)["arr_0"] for p in paths])

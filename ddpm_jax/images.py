@@ -1,9 +1,11 @@
 """Images in and out: [-1, 1] floats ↔ uint8, grids of samples, PNG files."""
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import fileio
 
 
 def to_uint8(x):
@@ -25,8 +27,9 @@ def make_grid(images, ncols=None, pad=1):
 
 def save_png(path, image, upscale=1):
   """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, optionally enlarged with nearest-neighbour pixels."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  img.save(path)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  fileio.write_bytes(path, buf.getvalue())  # local, gs:// or ram://

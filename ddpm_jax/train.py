@@ -16,6 +16,7 @@ import optax
 
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import fileio
 from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax.preemption import GracefulStop
@@ -176,9 +177,8 @@ def check_workdir_config(config, workdir):
   """Refuses to resume workdir with a config whose model, diffusion or data shape differ; records the config."""
   path = os.path.join(workdir, "config.json")
   new = flax.traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = flax.traverse_util.flatten_dict(json.load(f), sep=".")
+  if fileio.exists(path):
+    old = flax.traverse_util.flatten_dict(json.loads(fileio.read_text(path)), sep=".")
     fixed = lambda k: any(k == f or k.startswith(f + ".") for f in _FIXED_FIELDS)
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if fixed(k) and old.get(k) != new.get(k)]
@@ -187,13 +187,9 @@ def check_workdir_config(config, workdir):
                        "settings to resume it, or a new --workdir.")
   if jax.process_index() == 0:
     try:
-      os.makedirs(workdir, exist_ok=True)
-      with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-      os.replace(path + ".tmp", path)
+      fileio.write_text(path, config.to_json_best_effort(indent=2))
     except OSError as e:  # checked before any training, so no work is lost
-      raise ValueError(f"cannot write to workdir {workdir} ({e.strerror}: {e.filename}); choose a writable "
-                       "--workdir.") from None
+      raise ValueError(f"cannot write to workdir {workdir} ({e}); choose a writable --workdir.") from None
 
 
 def _host_summary(pending_metrics):

@@ -4,11 +4,13 @@ FID = |μ1 − μ2|² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½ over pool_3 featur
 1008-way logits, averaged over 10 splits. Statistics are float64 NumPy; stats files are `.npz` with `mu` [2048] and
 `sigma` [2048, 2048], the layout of TTUR's precomputed files (e.g. fid_stats_cifar10_train.npz), which load as is.
 """
-import os
+import io
 import zipfile
 
 import numpy as np
 import scipy.special
+
+from ddpm_jax import fileio
 
 FEATURE_DIM = 2048
 
@@ -72,18 +74,16 @@ def save_stats(path, mu, sigma):
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise ValueError(f"{path}: need mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:  # a file object, so NumPy does not append a second '.npz'
-    np.savez(f, mu=mu, sigma=sigma)
+  fileio.save_npz(path, mu=mu, sigma=sigma)  # exactly `path` (NumPy would append '.npz' to a name without it)
 
 
 def load_stats(path, dim=FEATURE_DIM):
   """(mu [dim], sigma [dim, dim]) float64 from an .npz with keys mu and sigma (ours or TTUR's)."""
   want = f"expected mu {(dim,)} and sigma {(dim, dim)}"
-  if not os.path.isfile(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{path}: no such stats file")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False) as z:  # local or gs://
       arrays = {k: z[k] for k in ("mu", "sigma") if k in z.files}
       keys = sorted(z.files)
   except (OSError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as e:
