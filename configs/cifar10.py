@@ -65,6 +65,9 @@ def get_config():
   sampling.num_samples = 50_000  # --mode=sample writes this many images.
   sampling.batch_size = 256  # Global batch for sampling.
   sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] at each step (as the authors do).
+  sampling.num_steps = 0  # Reverse steps: 0 = all T (paper); fewer runs an evenly respaced subsequence (improved DDPM).
+  sampling.method = "ancestral"  # 'ancestral' (paper's Algorithm 2) or 'ddim' (Song et al. 2021).
+  sampling.eta = 0.0  # DDIM noise scale (only for 'ddim'): 0 deterministic, 1 = ancestral with sigma^2 = beta-tilde.
 
   # --mode=eval (docs/evaluation.md): the paper's Table 1 protocol.
   config.eval = ev = ml_collections.ConfigDict()

@@ -285,14 +285,15 @@ def evaluate(config, workdir):
   s = settings(config)
   model, params, step = generate.load_ema_params(config, workdir)
   eval_dir = os.path.join(workdir, "eval")
-  results = dict(checkpoint_step=step, weights="ema")
+  results = dict(checkpoint_step=step, weights="ema", sampler=generate.sampler_kwargs(config))
   logging.info("Evaluating the EMA params of step %d in %s", step, workdir)
 
   if s["num_samples"] > 0:
     sample_config = copy.deepcopy(config)
     sample_config.sampling.num_samples = s["num_samples"]
     sample_dir = generate.sample_to_dir(sample_config, workdir,
-                                        out_dir=os.path.join(eval_dir, f"samples_step_{step:08d}"))
+                                        out_dir=os.path.join(eval_dir, f"samples_step_{step:08d}"
+                                                             f"{generate.sampler_tag(config)}"))
     _check_still_latest(workdir, step)
 
   num_bpd = s["bpd_num_examples"]
@@ -305,7 +306,7 @@ def evaluate(config, workdir):
     write_bpd_shards(model, params, diffusion, source, num_bpd, s["bpd_batch_size"], rng, bpd_dir)
 
   _barrier("eval: shards written")
-  results_path = os.path.join(eval_dir, f"results_step_{step:08d}.json")
+  results_path = os.path.join(eval_dir, f"results_step_{step:08d}{generate.sampler_tag(config)}.json")
   if jax.process_index() == 0:
     if s["num_samples"] > 0:
       weights = s["inception_weights"] or inception_weights.default_weights_path()

@@ -34,6 +34,22 @@ def load_ema_params(config, workdir):
   return model, state.ema_params, int(state.step)
 
 
+def sampler_kwargs(config):
+  """sampling.sample_sharded's sampler arguments from config.sampling (configs older than these fields: defaults)."""
+  s = config.sampling
+  return dict(clip_denoised=s.get("clip_denoised", True), num_steps=s.get("num_steps", 0) or None,
+              method=s.get("method", "ancestral"), eta=s.get("eta", 0.0))
+
+
+def sampler_tag(config):
+  """'' for the paper's chain, else e.g. '_ddim50_eta0.0': outputs of different samplers never share a directory."""
+  kw = sampler_kwargs(config)
+  if kw["num_steps"] is None and kw["method"] == "ancestral":
+    return ""
+  steps = kw["num_steps"] or config.diffusion.num_timesteps
+  return f"_{kw['method']}{steps}" + (f"_eta{kw['eta']}" if kw["method"] == "ddim" else "")
+
+
 def sample_to_dir(config, workdir, out_dir=None):
   """Writes config.sampling.num_samples images as uint8 NHWC `arr_0` .npz shards and a PNG grid; returns out_dir.
 
@@ -49,7 +65,7 @@ def sample_to_dir(config, workdir, out_dir=None):
                      f"use a multiple of {jax.device_count()}.")
   model, params, step = load_ema_params(config, workdir)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
-  out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step:08d}")
+  out_dir = out_dir or os.path.join(workdir, "samples", f"step_{step:08d}{sampler_tag(config)}")
   fileio.makedirs(out_dir)
   replicated = flax.jax_utils.replicate(params)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
@@ -60,7 +76,8 @@ def sample_to_dir(config, workdir, out_dir=None):
     if fileio.exists(path):
       continue
     first = b * batch + jax.process_index() * per_host
-    x = sampling.sample_sharded(model, replicated, diffusion, rng, per_host, shape, first_index=first)
+    x = sampling.sample_sharded(model, replicated, diffusion, rng, per_host, shape, first_index=first,
+                                **sampler_kwargs(config))
     x = images.to_uint8(jax.device_get(x))[:max(0, min(per_host, num - first))]
     fileio.save_npz(path, arr_0=x)  # atomic: a killed run never leaves a half-written shard under the final name
     logging.info("Wrote shard %d/%d (%d images) to %s", b + 1, num_shards, len(x), path)

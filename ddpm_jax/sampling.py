@@ -1,13 +1,25 @@
-"""The reverse chain (the paper's Algorithm 2) as one `lax.scan`, compiled once.
+"""The reverse chain (the paper's Algorithm 2) as one `lax.scan`, compiled once; also respaced and DDIM sampling.
 
 Randomness is per example: example i of a call draws x_T from fold_in(fold_in(rng, first_index + i), T) and its
 step-t noise from fold_in(fold_in(rng, first_index + i), t). So a batch split over devices or hosts (each passing
 its `first_index`) gives exactly the samples of one big batch, whatever the device count.
+
+Faster sampling: num_steps < T runs a respaced chain (respacing.py) of num_steps steps, the network still seeing the
+original t (and t, not the step's index in the short chain, keys its noise, so the scheme above is unchanged).
+method='ddim' takes DDIM steps (Song et al. 2021) with noise scale η: η = 0 is deterministic given x_T, η = 1 is
+ancestral sampling with σ² = β̃ (the 'fixedsmall' chain) on the same timesteps.
 """
+import copy
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import respacing
+
+METHODS = ("ancestral", "ddim")
 
 
 def _per_example_normal(rng, indices, t, shape):
@@ -16,8 +28,109 @@ def _per_example_normal(rng, indices, t, shape):
   return jax.vmap(draw)(indices)
 
 
+def _rows(values, x):
+  """Per-example values [B] shaped [B, 1, …, 1] to broadcast against x (rank kept equal on purpose)."""
+  return values.reshape((values.shape[0],) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def ddim_step(diffusion, model_output, x_t, t, noise, *, eta=0.0, clip_denoised=True):
+  """One DDIM step x_t → x_{t−1} of `diffusion` (usually a respaced chain; t [B] indexes it); returns (x_{t−1}, x̂_0).
+
+  x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z, σ_t = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}).
+  With clipping, ε̂ is re-derived from the clipped x̂_0 so that the step stays on the line through x_t and x̂_0 (as
+  improved DDPM does). A learned variance is ignored. An 'xprev' output is read as one step of `diffusion` itself.
+  """
+  out, _ = diffusion.split_model_output(model_output)
+  if diffusion.model_mean_type == "eps":
+    pred_xstart = diffusion.predict_start_from_noise(x_t, t, out)
+  elif diffusion.model_mean_type == "xstart":
+    pred_xstart = out
+  else:
+    pred_xstart = diffusion.predict_start_from_prev(x_t, t, out)
+  if clip_denoised:
+    pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+  if diffusion.model_mean_type == "eps" and not clip_denoised:
+    eps = out
+  else:
+    eps = ((x_t - _rows(diffusion.sqrt_alphas_cumprod[t], x_t) * pred_xstart)
+           / _rows(diffusion.sqrt_one_minus_alphas_cumprod[t], x_t))
+  # 1 − ᾱ_{t−1} and 1 − ᾱ_t/ᾱ_{t−1} (= β_t) come from the float64-derived tables: float32 loses digits at small t.
+  one_minus_prev = jnp.where(t > 0, diffusion.one_minus_alphas_cumprod[jnp.maximum(t - 1, 0)], 0.0)
+  variance = eta**2 * one_minus_prev / diffusion.one_minus_alphas_cumprod[t] * diffusion.betas[t]
+  x_prev = (_rows(jnp.sqrt(diffusion.alphas_cumprod_prev[t]), x_t) * pred_xstart
+            + _rows(jnp.sqrt(jnp.maximum(one_minus_prev - variance, 0.0)), x_t) * eps
+            + _rows(jnp.sqrt(variance), x_t) * noise)
+  return x_prev, pred_xstart
+
+
+def _check_sampler(diffusion, num_kept, method, eta):
+  if method not in METHODS:
+    raise ValueError(f"Unknown sampling method {method!r}; choose one of {METHODS}.")
+  if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not eta >= 0:
+    raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM, 1: ancestral-like), got {eta!r}.")
+  if method == "ancestral" and diffusion.model_var_type == "learned" and num_kept < diffusion.num_timesteps:
+    raise ValueError("model_var_type='learned' predicts the variance of one step of the full chain, not of a "
+                     "respaced one; use method='ddim', all T steps, or a 'learned_range' model.")
+
+
+def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_init=None, first_index=0,
+           clip_denoised=True, record_every=0, method="ancestral", eta=1.0):
+  """Runs steps num_run − 1, …, 0 of `spaced` (a respacing of `diffusion`, timesteps[i] the original t of step i)."""
+  batch, image_shape = shape[0], tuple(shape[1:])
+  indices = first_index + jnp.arange(batch)
+  if x_init is None:
+    x_init = _per_example_normal(rng, indices, diffusion.num_timesteps, image_shape)
+  chain = spaced
+  convert_xprev = diffusion.model_mean_type == "xprev" and timesteps.shape[0] < diffusion.num_timesteps
+  if convert_xprev:
+    # An 'xprev' network predicts the posterior mean of one original step: read it as the x̂_0 it implies.
+    chain = copy.copy(spaced)
+    chain.model_mean_type = "xstart"
+
+  chunk = record_every if record_every > 0 else num_run
+  num_chunks = -(-num_run // chunk)
+  pad = num_chunks * chunk - num_run
+
+  def step(x_t, i_scalar, t_scalar):
+    def denoise():
+      i = jnp.full((batch,), i_scalar, dtype=jnp.int32)
+      t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
+      output = model_fn(x_t, t)
+      if convert_xprev:
+        mean_out, var_out = diffusion.split_model_output(output)
+        output = diffusion.predict_start_from_prev(x_t, t, mean_out)
+        output = output if var_out is None else jnp.concatenate([output, var_out], axis=-1)
+      if method == "ddim":
+        noise = (jnp.zeros_like(x_t) if eta == 0
+                 else _per_example_normal(rng, indices, t_scalar, image_shape))
+        return ddim_step(chain, output, x_t, i, noise, eta=eta, clip_denoised=clip_denoised)
+      noise = _per_example_normal(rng, indices, t_scalar, image_shape)
+      return chain.p_sample(output, x_t, i, noise, clip_denoised)
+    if not pad:
+      return denoise()
+    # i < 0 marks padding (so the steps split into whole chunks of record_every): skip the network there.
+    return jax.lax.cond(i_scalar >= 0, denoise, lambda: (x_t, x_t))
+  # Padding goes first so that every chunk ends on a real step and the last one ends at step 0.
+  steps = jnp.arange(num_run - 1, -1, -1, dtype=jnp.int32)
+  padding = jnp.full((pad,), -1, jnp.int32)
+  step_is = jnp.concatenate([padding, steps]).reshape(num_chunks, chunk)
+  step_ts = jnp.concatenate([padding, jnp.asarray(timesteps, jnp.int32)[steps]]).reshape(num_chunks, chunk)
+
+  def run_chunk(x_t, chunk_steps):
+    def inner(carry, i_and_t):
+      x_prev, pred_xstart = step(carry[0], *i_and_t)
+      return (x_prev, pred_xstart), None
+    (x_t, pred_xstart), _ = jax.lax.scan(inner, (x_t, jnp.zeros_like(x_t)), chunk_steps)
+    return x_t, (x_t, pred_xstart) if record_every > 0 else None
+
+  x_0, recorded = jax.lax.scan(run_chunk, x_init, (step_is, step_ts))
+  if record_every > 0:
+    return x_0, dict(x_t=recorded[0], pred_xstart=recorded[1], t=step_ts[:, -1])
+  return x_0
+
+
 def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, first_index=0,
-                clip_denoised=True, record_every=0):
+                clip_denoised=True, record_every=0, num_steps=None, method="ancestral", eta=1.0):
   """Runs the chain t = start_t, …, 0 and returns x_0 [B, H, W, C] (and, optionally, a trajectory).
 
   model_fn(x_t, t_B) → network output. By default the chain starts from x_T ~ N(0, I) at start_t = T − 1;
@@ -25,42 +138,26 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
   With record_every = k > 0 also returns a dict of x_t and x̂_0 after every k-th step ([n, B, H, W, C], the last
   entry being the final sample), the paper's progressive generation. Python ints start_t and record_every are
   static: call this inside `jax.jit` with them fixed.
+
+  num_steps (None = all T) runs only the respaced timesteps respacing.spaced_timesteps(T, num_steps); start_t must
+  then be one of them, and the diffusion must be concrete (closed over, not a jit argument). method is 'ancestral'
+  (the paper) or 'ddim' with noise scale eta ≥ 0 (ignored by 'ancestral'). num_steps, method and eta are static.
   """
-  num_steps = diffusion.num_timesteps if start_t is None else start_t + 1
-  if not 1 <= num_steps <= diffusion.num_timesteps:
-    raise ValueError(f"start_t must be in [0, {diffusion.num_timesteps - 1}], got {start_t}.")
-  batch, image_shape = shape[0], tuple(shape[1:])
-  indices = first_index + jnp.arange(batch)
-  if x_init is None:
-    x_init = _per_example_normal(rng, indices, diffusion.num_timesteps, image_shape)
-
-  chunk = record_every if record_every > 0 else num_steps
-  num_chunks = -(-num_steps // chunk)
-  pad = num_chunks * chunk - num_steps
-
-  def step(x_t, t_scalar):
-    def denoise():
-      t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
-      noise = _per_example_normal(rng, indices, t_scalar, image_shape)
-      return diffusion.p_sample(model_fn(x_t, t), x_t, t, noise, clip_denoised)
-    if not pad:
-      return denoise()
-    # t < 0 marks padding (so the steps split into whole chunks of record_every): skip the network there.
-    return jax.lax.cond(t_scalar >= 0, denoise, lambda: (x_t, x_t))
-  # Padding goes first so that every chunk ends on a real step and the last one ends at t = 0.
-  ts = jnp.concatenate([jnp.full((pad,), -1, jnp.int32), jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32)])
-
-  def run_chunk(x_t, chunk_ts):
-    def inner(carry, t_scalar):
-      x_prev, pred_xstart = step(carry[0], t_scalar)
-      return (x_prev, pred_xstart), None
-    (x_t, pred_xstart), _ = jax.lax.scan(inner, (x_t, jnp.zeros_like(x_t)), chunk_ts)
-    return x_t, (x_t, pred_xstart) if record_every > 0 else None
-
-  x_0, recorded = jax.lax.scan(run_chunk, x_init, ts.reshape(num_chunks, chunk))
-  if record_every > 0:
-    return x_0, dict(x_t=recorded[0], pred_xstart=recorded[1], t=ts.reshape(num_chunks, chunk)[:, -1])
-  return x_0
+  total = diffusion.num_timesteps
+  spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
+  _check_sampler(diffusion, len(timesteps), method, eta)
+  if start_t is None:
+    num_run = len(timesteps)
+  elif not 0 <= start_t < total:
+    raise ValueError(f"start_t must be in [0, {total - 1}], got {start_t}.")
+  elif start_t not in timesteps:
+    raise ValueError(f"start_t {start_t} is not one of the {len(timesteps)} respaced timesteps; pick one of "
+                     "respacing.spaced_timesteps(T, num_steps).")
+  else:
+    num_run = int(np.searchsorted(timesteps, start_t)) + 1
+  return _chain(model_fn, diffusion, spaced, timesteps, rng, shape, num_run=num_run, x_init=x_init,
+                first_index=first_index, clip_denoised=clip_denoised, record_every=record_every, method=method,
+                eta=float(eta))
 
 
 def unet_model_fn(model, params):
@@ -68,23 +165,30 @@ def unet_model_fn(model, params):
   return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
 
 
-@functools.partial(jax.pmap, axis_name="batch", static_broadcasted_argnums=(0, 4, 5), in_axes=(None, 0, None, None, None, None, 0))
-def _sample_pmapped(model, params, diffusion, rng, per_device_shape, clip_denoised, first_index):
-  return sample_loop(unet_model_fn(model, params), diffusion, rng, per_device_shape, first_index=first_index,
-                     clip_denoised=clip_denoised)
+@functools.partial(jax.pmap, axis_name="batch", static_broadcasted_argnums=(0, 6, 7, 8, 9),
+                   in_axes=(None, 0, None, None, None, None, None, None, None, None, 0))
+def _sample_pmapped(model, params, diffusion, spaced, timesteps, rng, per_device_shape, clip_denoised, method, eta,
+                    first_index):
+  return _chain(unet_model_fn(model, params), diffusion, spaced, timesteps, rng, per_device_shape,
+                num_run=timesteps.shape[0], first_index=first_index, clip_denoised=clip_denoised, method=method,
+                eta=eta)
 
 
 def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_shape, *, first_index=0,
-                   clip_denoised=True):
+                   clip_denoised=True, num_steps=None, method="ancestral", eta=1.0):
   """num_samples images [num_samples, H, W, C] from the chain, split over this host's local devices.
 
   params_replicated has a leading local-device axis. Sample i equals sample first_index + i of any other split.
+  num_steps, method and eta are as in sample_loop (the respacing happens here, outside pmap).
   """
   n = jax.local_device_count()
   if num_samples % n:
     raise ValueError(f"num_samples {num_samples} is not divisible by the {n} local devices; use a multiple of {n}.")
+  total = diffusion.num_timesteps
+  spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
+  _check_sampler(diffusion, len(timesteps), method, eta)
   per_device = num_samples // n
   starts = first_index + per_device * jnp.arange(n)
-  out = _sample_pmapped(model, params_replicated, diffusion, rng, (per_device,) + tuple(image_shape), clip_denoised,
-                        starts)
+  out = _sample_pmapped(model, params_replicated, diffusion, spaced, timesteps, rng,
+                        (per_device,) + tuple(image_shape), clip_denoised, method, float(eta), starts)
   return out.reshape((num_samples,) + tuple(image_shape))

@@ -1,0 +1,59 @@
+"""Respaced timesteps (improved DDPM, Nichol & Dhariwal 2021): a shorter chain over a subsequence of t.
+
+Keeping steps k_0 < … < k_{n−1} of a T-step diffusion and setting β'_i = 1 − ᾱ_{k_i} / ᾱ_{k_{i−1}} (ᾱ_{k_{−1}} = 1)
+gives an n-step diffusion whose ᾱ'_i equals ᾱ_{k_i}: its x_i has exactly the marginal of the original x_{k_i}, so a
+network trained on the T-step chain can be used at step i when it is told the original timestep k_i.
+"""
+import jax
+import numpy as np
+
+from ddpm_jax import diffusion as diffusion_lib
+
+
+def spaced_timesteps(num_timesteps, num_steps):
+  """The kept original timesteps, increasing int32 [num_steps]: k_i = round(i·(T−1)/(n−1)), halves rounded up.
+
+  Evenly spaced and always holding 0 and T−1 (for n ≥ 2; n = 1 keeps only T−1, a single x_T → x̂_0 step). Exact
+  integer arithmetic, so the steps are distinct and n = T keeps every step.
+  """
+  _check_num_steps(num_steps, num_timesteps)
+  if num_steps == 1:
+    return np.array([num_timesteps - 1], np.int32)
+  i = np.arange(num_steps, dtype=np.int64)
+  return ((2 * i * (num_timesteps - 1) + (num_steps - 1)) // (2 * (num_steps - 1))).astype(np.int32)
+
+
+def respaced(diffusion, num_steps):
+  """(n-step GaussianDiffusion over the kept steps, timestep_map int32 [n]: respaced index → original t).
+
+  Call the network with timestep_map[i] at respaced step i. num_steps = T returns `diffusion` itself. The betas are
+  recomputed in float64 from the diffusion's float32 tables, so ᾱ' matches ᾱ at the kept steps to ~1e-7 relative.
+  Needs a concrete diffusion (not a jit/pmap argument). The mean and variance types carry over: 'learned_range' then
+  interpolates between β' and β̃' of the new chain (as improved DDPM does); 'xprev' and 'learned' outputs describe
+  one step of the original chain, which sampling.py converts or rejects.
+  """
+  total = diffusion.num_timesteps
+  kept = spaced_timesteps(total, num_steps)
+  if num_steps == total:
+    return diffusion, kept
+  try:
+    betas = np.asarray(diffusion.betas, dtype=np.float64)
+    stored_alphas_cumprod = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError("respacing needs a concrete diffusion: respace outside jit/pmap or close over the diffusion "
+                     "instead of passing it as an argument.") from None
+  # Only float32 tables are stored. 1 − β_t keeps α_t to ~1e-7 relative unless β_t is near 1 (cosine's 0.999 would
+  # be off by ~1e-5); there the ratio of the stored ᾱ is the precise one.
+  alphas = np.where(betas < 0.5, 1.0 - betas, stored_alphas_cumprod / np.append(1.0, stored_alphas_cumprod[:-1]))
+  alphas_cumprod = np.cumprod(alphas)[kept]
+  new_betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+  spaced = diffusion_lib.GaussianDiffusion(new_betas, diffusion.model_mean_type, diffusion.model_var_type,
+                                           diffusion.loss_type)
+  return spaced, kept
+
+
+def _check_num_steps(num_steps, num_timesteps):
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+    raise ValueError(f"num_steps must be an int in [1, {num_timesteps}], got {num_steps!r}.")
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the diffusion's T), got {num_steps}.")
