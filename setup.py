@@ -22,6 +22,7 @@ setuptools.setup(
         "grain>=0.2.18",
         "numpy>=2.0",
         "Pillow>=10",
+        "matplotlib>=3.8",  # the rate-distortion plot
         "safetensors>=0.4",
         "scikit-learn>=1.5",
         "scipy>=1.13",  # FID's matrix square root and IS's softmax

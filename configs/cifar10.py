@@ -78,5 +78,7 @@ def get_config():
   ev.bpd_num_examples = -1  # Test images for bits/dim (paper: all 10k; -1 = all); 0 skips.
   ev.bpd_split = "test"  # tfds split for bits/dim.
   ev.bpd_batch_size = 256  # Global batch for bits/dim (each example costs T network passes).
+  ev.figures = True  # Paper Figs. 5-8 as PNGs in workdir/eval/figures and TensorBoard; rate-distortion also as CSV.
+  ev.figures_num_examples = 8  # Test images for the rate-distortion curve (paper: all; T passes each) and interpolations.
 
   return config

@@ -12,6 +12,7 @@ import math
 import os
 
 from absl import logging
+from clu import metric_writers
 import flax
 import jax
 from jax.experimental import multihost_utils
@@ -21,6 +22,7 @@ import numpy as np
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import fileio
+from ddpm_jax import figures
 from ddpm_jax import generate
 from ddpm_jax import input_pipeline
 from ddpm_jax import sampling
@@ -37,6 +39,8 @@ DEFAULTS = dict(
     bpd_num_examples=1000,  # Examples for bits/dim (paper: the whole test split, 10k); -1 = all, 0 skips.
     bpd_split="test",  # tfds split for bits/dim; sources without splits (digits, npz, folder) use their examples.
     bpd_batch_size=256,  # Global batch for bits/dim (T network passes each); a multiple of the device count.
+    figures=True,  # The paper's Figs. 5-8 (rate-distortion, progressive generation, shared latents, interpolation).
+    figures_num_examples=8,  # bpd_split images for the rate-distortion curve and the interpolations.
 )
 IS_SPLITS = 10  # OpenAI's Inception Score protocol, as in the paper.
 _LOG_EVERY_IMAGES = 5000
@@ -267,6 +271,18 @@ def sample_metrics(sample_dir, num_samples, feature_fn, batch_size, ref_mu, ref_
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def write_figures(config, model, params, step, out_dir, split, num_examples):
+  """The paper's figures of the EMA params (figures.py) under out_dir and in TensorBoard; returns their paths."""
+  source, _ = bpd_source(config, split)
+  data = np.stack([source[i] for i in range(min(max(num_examples, 2), len(source)))])
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+  writer = metric_writers.create_default_writer(os.path.join(os.path.dirname(out_dir), "tensorboard"))
+  paths = figures.write_figures(figures.unet_model_fn(model, params), diffusion, rng, data, out_dir, step, writer)
+  writer.flush()
+  return paths
+
+
 def _check_still_latest(workdir, step):
   # sample_to_dir restores the latest checkpoint itself: a training run saving meanwhile would mix two steps.
   latest = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
@@ -319,6 +335,9 @@ def evaluate(config, workdir):
     if num_bpd != 0:
       results["bpd"] = dict(summarize_bpd(read_bpd_shards(bpd_dir, num_bpd, s["bpd_batch_size"])), data=bpd_data,
                             timesteps=diffusion.num_timesteps)
+    if s["figures"]:
+      results["figures"] = write_figures(config, model, params, step, os.path.join(eval_dir, "figures"),
+                                         s["bpd_split"], s["figures_num_examples"])
     fileio.write_text(results_path, json.dumps(results, indent=2))
     logging.info("Results in %s: %s", results_path, json.dumps(results))
   _barrier("eval: results written")

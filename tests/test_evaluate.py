@@ -48,7 +48,7 @@ def _npz_config(path, **eval_fields):
 def test_evaluate_writes_results_and_resumes_from_its_files(tmp_path, monkeypatch):
   monkeypatch.setenv("DDPM_JAX_CACHE", str(tmp_path / "cache"))
   config = _npz_config(tmp_path / "digits.npz", num_samples=16, bpd_num_examples=12, bpd_batch_size=8,
-                       inception_batch_size=8)
+                       inception_batch_size=8, figures=True, figures_num_examples=2)
   _digits_npz(tmp_path / "digits.npz", 24)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
@@ -67,6 +67,13 @@ def test_evaluate_writes_results_and_resumes_from_its_files(tmp_path, monkeypatc
   assert bpd["num_examples"] == 12 and bpd["timesteps"] == 20
   assert bpd["prior"] > 0 and bpd["decoder"] > 0 and bpd["kl_terms"] > 0
   assert bpd["prior"] + bpd["decoder"] + bpd["kl_terms"] == pytest.approx(bpd["value"], rel=1e-6)
+
+  assert sorted(results["figures"]) == ["interpolation", "progressive", "rate_distortion_csv", "rate_distortion_png",
+                                        "shared_latent"]
+  with open(results["figures"]["rate_distortion_csv"]) as f:
+    assert len(f.read().strip().splitlines()) == 1 + 20  # a header and one row per reverse step
+  assert all(os.path.getsize(p) > 0 for p in results["figures"].values())
+  assert glob.glob(os.path.join(workdir, "eval", "tensorboard", "events.out.tfevents.*"))
 
   sample_shards = sorted(glob.glob(os.path.join(workdir, "eval", "samples_step_00000002", "samples_*.npz")))
   assert len(sample_shards) == 2
