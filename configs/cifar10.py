@@ -59,12 +59,16 @@ def get_config():
   training.sample_every_steps = 50_000  # Sample grid from the EMA params (0 = never).
   training.num_grid_samples = 64  # Images in each sample grid.
   training.skip_nonfinite_steps = False  # A NaN/inf loss or gradient is never applied; True: count and go on, False: stop.
+  training.fid_every_steps = 0  # FID of fid_num_samples EMA samples every N steps (0 = never); best kept in best_fid/.
+  training.fid_num_samples = 5000  # Samples per training-time FID (a multiple of the device count).
+  training.fid_num_steps = 0  # 0 = the full chain; n > 0 = n DDIM steps (eta 0), much faster for monitoring.
   training.steps_per_dispatch = 1  # Train steps per compiled call (unrolled); >1 cuts dispatch overhead, compiles longer.
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.num_samples = 50_000  # --mode=sample writes this many images.
   sampling.batch_size = 256  # Global batch for sampling.
   sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] at each step (as the authors do).
+  sampling.checkpoint = "latest"  # --mode=sample/eval: "latest" checkpoint, or "best_fid" (see training.fid_every_steps).
   sampling.num_steps = 0  # Reverse steps: 0 = all T (paper); fewer runs an evenly respaced subsequence (improved DDPM).
   sampling.method = "ancestral"  # 'ancestral' (paper's Algorithm 2) or 'ddim' (Song et al. 2021).
   sampling.eta = 0.0  # DDIM noise scale (only for 'ddim'): 0 deterministic, 1 = ancestral with sigma^2 = beta-tilde.

@@ -310,7 +310,8 @@ def evaluate(config, workdir):
     sample_dir = generate.sample_to_dir(sample_config, workdir,
                                         out_dir=os.path.join(eval_dir, f"samples_step_{step:08d}"
                                                              f"{generate.sampler_tag(config)}"))
-    _check_still_latest(workdir, step)
+    if config.sampling.get("checkpoint", "latest") == "latest":
+      _check_still_latest(workdir, step)
 
   num_bpd = s["bpd_num_examples"]
   if num_bpd != 0:

@@ -20,6 +20,13 @@ def load_ema_params(config, workdir):
   tx, _ = train.create_optimizer(config.optim)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   abstract = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), model, tx, image_shape))
+  if config.sampling.get("checkpoint", "latest") == "best_fid":
+    from ddpm_jax import fid_monitor  # pylint: disable=g-import-not-at-top
+    params, info = fid_monitor.restore_best(workdir, abstract.params)
+    logging.info("Best-FID EMA params of step %d (FID %.3f during training)", info["step"], info["fid"])
+    return model, params, int(info["step"])
+  if config.sampling.get("checkpoint", "latest") != "latest":
+    raise ValueError(f"sampling.checkpoint must be 'latest' or 'best_fid', got {config.sampling.checkpoint!r}.")
   ckpt_dir = os.path.join(workdir, "checkpoints")
   restored = None
   if fileio.isdir(ckpt_dir):

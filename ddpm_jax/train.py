@@ -16,6 +16,7 @@ import optax
 
 from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import fid_monitor
 from ddpm_jax import fileio
 from ddpm_jax import images
 from ddpm_jax import input_pipeline
@@ -141,8 +142,8 @@ def validate_config(config, model):
   k = t.steps_per_dispatch
   if k < 1:
     raise ValueError(f"training.steps_per_dispatch must be >= 1, got {k}.")
-  for name in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
-    every = t[name]
+  for name in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps", "fid_every_steps"):
+    every = t.get(name, 0)
     if every < 0 or (every and every % k):
       raise ValueError(f"training.{name} = {every} must be >= 0 and a multiple of training.steps_per_dispatch {k}.")
   if t.num_train_steps % k:
@@ -242,6 +243,8 @@ def train_and_evaluate(config, workdir):
     checkpointer.save(step, jax.device_get(unreplicate(state)),
                       dict(global_batch_size=global_batch, seed=config.seed, next_step=step))
 
+  fid_every = t_cfg.get("fid_every_steps", 0)
+  monitor = fid_monitor.FidMonitor(config, workdir, model, diffusion) if fid_every else None
   report = periodic_actions.ReportProgress(num_train_steps=t_cfg.num_train_steps, writer=writer)
   pending_metrics, step, skipped_total = [], start_step, 0
   with GracefulStop() as stop:
@@ -269,11 +272,15 @@ def train_and_evaluate(config, workdir):
       if _every(step, t_cfg.sample_every_steps):
         write_sample_grid(model, state.ema_params, diffusion, jax.random.fold_in(sample_rng, step), config, step,
                           workdir, writer)
+      if monitor and _every(step, fid_every):
+        monitor(step, state.ema_params, writer)
       if saving:
         save(step)
       if stopping and not last:
         logging.warning("Stopped at step %d on request; checkpoint saved. Rerun the same command to resume.", step)
         break
   checkpointer.wait()
+  if monitor:
+    monitor.wait()
   writer.flush()
   return unreplicate(state)
