@@ -21,6 +21,8 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process GPU runs without SLURM.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 … num_processes − 1 (with --coordinator_address).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "Multi-process runs: if a process dies, the others exit with an "
+                     "error after this many seconds (then restart the job; it resumes from the last checkpoint).")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -30,7 +32,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # TensorFlow is only used for data and summaries: keep it off the accelerators JAX needs.
   tf.config.set_visible_devices([], "GPU")
-  cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                     FLAGS.heartbeat_timeout_seconds)
   logging.info("JAX process %d of %d; local devices %s; %d devices in all.", jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
   logging.info("Config:\n%s", FLAGS.config)

@@ -14,10 +14,12 @@ def _cluster_detected():
   return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None):
+def initialize(coordinator_address=None, num_processes=None, process_id=None, heartbeat_timeout_seconds=100):
   """Calls jax.distributed.initialize for a cluster; does nothing for a single process.
 
   Explicit arguments (or env JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) win over detection.
+  When a process dies, the others stop with an error after heartbeat_timeout_seconds instead of waiting in a
+  collective forever; the job (SLURM, the TPU script) then restarts all of them from the last checkpoint.
   """
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
@@ -30,9 +32,10 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
                        "JAX_PROCESS_ID).")
     if num_processes > 1:
       jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                 process_id=process_id)
+                                 process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   elif _cluster_detected():
-    jax.distributed.initialize()  # TPU pod / SLURM / Open MPI: JAX reads the topology from the environment
+    # TPU pod / SLURM / Open MPI: JAX reads the topology from the environment.
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   else:
     return
   logging.info("Joined a cluster: process %d of %d, %d local and %d global devices.", jax.process_index(),

@@ -1,8 +1,12 @@
 """Two processes on 127.0.0.1 (2 CPU devices each) train like one process: same params, shared checkpoints."""
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -19,14 +23,25 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _cluster_run(workdir, steps):
+def _start_cluster(workdir, steps, mode, *extra):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), str(workdir), str(steps)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  return [subprocess.Popen([sys.executable, WORKER, str(port), str(i), str(workdir), str(steps), mode, *extra],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+
+
+def _cluster_run(workdir, steps, mode="train"):
+  procs = _start_cluster(workdir, steps, mode)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+
+
+def eval_config(config):
+  """Bits/dim only (FID is process 0's work after the barrier, tested in one process by test_evaluate.py)."""
+  config.eval.num_samples, config.eval.figures = 0, False
+  config.eval.bpd_num_examples, config.eval.bpd_batch_size = 6, 4
+  return config
 
 
 def _params(workdir, pid):
@@ -47,3 +62,59 @@ def test_two_process_cluster_matches_one_process_and_resumes(tmp_path):
   # The cluster's checkpoint restores in one process and training continues.
   resumed = train.train_and_evaluate(tiny_config(num_train_steps=6), str(tmp_path / "cluster"))
   assert int(resumed.step) == 6
+
+
+def test_one_process_checkpoint_samples_evaluates_and_trains_on_two_processes(tmp_path):
+  from ddpm_jax import diffusion as dlib
+  from ddpm_jax import evaluate
+  from ddpm_jax import generate
+  from ddpm_jax import input_pipeline
+  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "run"))
+  shutil.copytree(tmp_path / "run", tmp_path / "copy")
+  _cluster_run(tmp_path / "run", 4, "sample_eval")
+
+  # Samples: each host wrote its half of every batch; together they are the one-process samples.
+  config = tiny_config(num_train_steps=4)
+  cluster_dir = tmp_path / "run" / "samples" / "step_00000004"
+  assert sorted(os.listdir(cluster_dir))[:4] == ["grid.png", "samples_00000_host0.npz", "samples_00000_host1.npz",
+                                                 "samples_00001_host0.npz"]
+  one = generate.load_samples(generate.sample_to_dir(config, str(tmp_path / "copy"), out_dir=str(tmp_path / "one")))
+  two = generate.load_samples(str(cluster_dir))
+  assert two.shape == one.shape == (16, 8, 8, 1)
+  assert np.abs(two.astype(int) - one.astype(int)).max() <= 1  # 8 vs 2 devices per batch: float rounding only
+
+  # Bits/dim: per-host shards, read by process 0, equal the one-process bound per example.
+  model, params, _ = generate.load_ema_params(config, str(tmp_path / "copy"))
+  source = input_pipeline.make_source(config.data)
+  want = evaluate.bits_per_dim(model, flax_replicate(params), dlib.GaussianDiffusion.from_config(config.diffusion),
+                               np.stack([source[i] for i in range(6)]),
+                               jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 4))[1])
+  with open(tmp_path / "run" / "eval" / "results_step_00000004.json") as f:
+    got = json.load(f)["bpd"]
+  assert got["num_examples"] == 6
+  for k, name in (("total", "value"), ("prior", "prior"), ("decoder", "decoder"), ("kl_terms", "kl_terms")):
+    np.testing.assert_allclose(got[name], np.mean(want[k]), rtol=1e-5, err_msg=k)
+
+  # Training continues on 2 processes from the 1-process checkpoint, like 1 process would.
+  _cluster_run(tmp_path / "run", 6)
+  single = train.train_and_evaluate(tiny_config(num_train_steps=6), str(tmp_path / "copy"))
+  assert max_rel_diff(_params(tmp_path / "run", 0), jax.tree.leaves(single.params)) <= 1e-6
+
+
+def flax_replicate(tree):
+  import flax  # pylint: disable=g-import-not-at-top
+  return flax.jax_utils.replicate(tree)
+
+
+def test_a_dead_peer_stops_the_other_process_in_bounded_time(tmp_path):
+  procs = _start_cluster(tmp_path, 100_000, "train", "5")  # 5 s heartbeat timeout
+  deadline = time.time() + 300
+  while not os.path.isdir(tmp_path / "checkpoints" / "2") and time.time() < deadline:  # training is under way
+    assert procs[0].poll() is None and procs[1].poll() is None
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  out = procs[0].communicate(timeout=120)[0]
+  assert procs[0].returncode != 0, out[-2000:]
+  assert time.time() - killed < 60, out[-2000:]  # not hung in a collective until the job's wall-clock limit
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")  # what was saved stays
