@@ -85,3 +85,27 @@ def test_the_documented_diffusers_conversion_parses(tmp_path, argv):
   # No download here: the flags parse and the converter reports the missing input in one line.
   assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("convert: ")
   assert "not found" in proc.stderr and "Flags parsing error" not in proc.stderr
+
+
+def python_blocks(path):
+  with open(os.path.join(REPO, path), encoding="utf-8") as f:
+    return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+def test_the_api_page_example_runs():
+  (block,) = python_blocks("docs/api.md")
+  proc = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"loss \d+\.\d+; samples \(4, 16, 16, 1\) in \[-?\d", proc.stdout), proc.stdout
+
+
+def test_the_readme_library_example_runs():
+  """As written, with the one change that makes it CPU-sized: T = 10 instead of 1000 (same calls, same model)."""
+  (block,) = python_blocks("README.md")
+  assert 'get_beta_schedule("linear")' in block
+  small = block.replace('get_beta_schedule("linear")', 'get_beta_schedule("linear", num_timesteps=10)')
+  small += "\nassert x0.shape == (4, 32, 32, 3) and bool(jnp.all(jnp.abs(x0) <= 1.0))\nprint('ok')\n"
+  proc = subprocess.run([sys.executable, "-c", small], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO))
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
