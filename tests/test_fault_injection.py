@@ -11,3 +11,12 @@ def test_three_random_kill9s_leave_the_final_params_bit_equal(tmp_path):
                         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   assert "kills survived / kills tried: 3 / 3" in out.stdout and "final params equal: True" in out.stdout
+
+
+def test_sigterms_with_the_latest_checkpoint_corrupted_each_time_still_end_bit_equal(tmp_path):
+  """The harness's other two modes at once: graceful stops, then a truncated newest checkpoint before each resume."""
+  out = subprocess.run([sys.executable, "benchmarks/fault_injection.py", "--kills=2", "--signal=TERM",
+                        "--corrupt_latest", "--steps=24", "--seed=2", f"--workdir={tmp_path}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "kills survived / kills tried: 2 / 2" in out.stdout and "final params equal: True" in out.stdout
