@@ -31,6 +31,7 @@ def get_config():
   model.dropout = 0.1  # Dropout inside res blocks (paper: 0.1 for CIFAR-10).
   model.resamp_with_conv = True  # Strided conv downsampling / conv after nearest upsampling.
   model.dtype = "float32"  # Activation dtype; 'bfloat16' on TPU/GPU keeps params and optimizer in float32.
+  model.remat = False  # Recompute each res block's activations in the backward pass: less memory, more compute.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = "linear"  # 'linear' (paper), 'quad', 'const', 'jsd', 'cosine'.

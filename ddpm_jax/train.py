@@ -34,10 +34,15 @@ class TrainState:
 
 
 def create_model(config):
-  """The U-Net of config.model, with out_ch from the data channels (×2 for a learned variance)."""
+  """The U-Net of config.model, with out_ch from the data channels (×2 for a learned variance).
+
+  model.dtype (activations; default 'float32') and model.remat (default False) may be absent: older configs and
+  run directories lack them.
+  """
   learned = config.diffusion.model_var_type in ("learned", "learned_range")
   kwargs = dict(config.model)
-  kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  kwargs["dtype"] = jnp.dtype(config.model.get("dtype", "float32"))
+  kwargs["remat"] = bool(config.model.get("remat", False))
   kwargs["ch_mult"], kwargs["attn_resolutions"] = tuple(kwargs["ch_mult"]), tuple(kwargs["attn_resolutions"])
   return unet.UNet(out_ch=config.data.channels * (2 if learned else 1), **kwargs)
 

@@ -98,3 +98,64 @@ def test_impossible_sizes_fail_with_one_line_errors(kwargs, size, msg):
 def test_channels_not_divisible_by_groupnorm_groups_fail_at_construction():
   with pytest.raises(ValueError, match="not divisible by GroupNorm's 32 groups"):
     unet.UNet(ch=48)
+
+
+def _eqns(jaxpr):
+  """All equations of a jaxpr, including those inside sub-jaxprs (checkpoint, pjit, …)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns"):
+          yield from _eqns(sub)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from _eqns(sub.jaxpr)
+
+
+def _perturbed(params, scale, seed=3):
+  # Random offsets on every leaf, so that no layer is near-zero (conv_out's init is) and all of them matter.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_remat_keeps_param_names_and_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  t = jnp.array([3, 700])
+  plain, remat = unet.UNetTiny(dropout=0.3), unet.UNetTiny(dropout=0.3, remat=True)
+  shapes = lambda m: jax.tree.map(lambda v: (v.shape, v.dtype), jax.eval_shape(m.init, jax.random.PRNGKey(1), x, t))
+  assert shapes(plain) == shapes(remat)  # the same paths, so checkpoints stay loadable
+  assert "conv1" in shapes(remat)["params"]["down_1"]["block_0"]
+  params = _perturbed(jax.jit(plain.init)(jax.random.PRNGKey(1), x, t)["params"], 0.02)
+
+  def grads(model):
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)}) ** 2)
+    return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params))])
+
+  g_plain, g_remat = grads(plain), grads(remat)
+  # Same dropout masks and the same math: only float reassociation may differ.
+  assert np.linalg.norm(g_remat - g_plain) <= 1e-6 * np.linalg.norm(g_plain)
+  # Every ResnetBlock (2 down, 2 mid, 4 up) is a checkpoint region; without remat there is none.
+  count = lambda m: sum(e.primitive.name in ("checkpoint", "remat2") for e in _eqns(jax.make_jaxpr(
+      lambda p: m.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)}))(params).jaxpr))
+  assert (count(plain), count(remat)) == (0, 8)
+
+
+def test_bfloat16_runs_activations_in_bfloat16_with_float32_params():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  t = jnp.array([0, 10, 500, 999])
+  f32, bf16 = unet.UNetTiny(), unet.UNetTiny(dtype=jnp.bfloat16)
+  variables = jax.jit(bf16.init)(jax.random.PRNGKey(1), x, t)
+  assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}  # optimizer and EMA in f32
+  params = _perturbed(variables["params"], 0.02)
+  jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x, t))(params).jaxpr
+  heavy = [e for e in _eqns(jaxpr) if e.primitive.name in ("conv_general_dilated", "dot_general")]
+  assert len(heavy) >= 20  # 20 convs, plus the dense layers and attention
+  assert all(v.aval.dtype == jnp.bfloat16 for e in heavy for v in e.invars), "a conv or matmul ran in float32"
+  out16, out32 = (jax.jit(m.apply)({"params": params}, x, t) for m in (bf16, f32))
+  assert out16.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+  # bfloat16 keeps 8 significant bits (2^-8 ≈ 4e-3 per rounding); ~20 layers of it give ~1e-2.
+  assert 1e-4 < rel <= 2e-2, rel
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(bf16.apply({"params": p}, x, t) ** 2)))(params)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}

@@ -72,6 +72,14 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+def _resnet_block(remat):
+  """ResnetBlock, or a rematerialised one (activations recomputed in the backward pass; same param names).
+
+  `train` (argument 3, counting self) is static: it switches dropout on and off in Python.
+  """
+  return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
+
+
 class AttnBlock(nn.Module):
   """Single-head self-attention over all positions, with a residual connection."""
   dtype: Any = jnp.float32
@@ -120,12 +128,13 @@ class DownLevel(nn.Module):
   dropout: float
   resamp_with_conv: bool
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, h, temb, train):
     skips = []
     for i in range(self.num_res_blocks):
-      h = ResnetBlock(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
+      h = _resnet_block(self.remat)(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
       if self.attn:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
       skips.append(h)
@@ -143,13 +152,14 @@ class UpLevel(nn.Module):
   dropout: float
   resamp_with_conv: bool
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, h, skips, temb, train):
     """skips: this level's num_res_blocks + 1 skip connections, consumed last first."""
     for i in range(self.num_res_blocks + 1):
       h = jnp.concatenate([h, skips[-1 - i]], axis=-1)
-      h = ResnetBlock(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
+      h = _resnet_block(self.remat)(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
       if self.attn:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
     if self.upsample:
@@ -161,12 +171,14 @@ class MidBlock(nn.Module):
   out_ch: int
   dropout: float
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, h, temb, train):
-    h = ResnetBlock(self.out_ch, self.dropout, self.dtype, name="block_1")(h, temb, train)
+    block = _resnet_block(self.remat)
+    h = block(self.out_ch, self.dropout, self.dtype, name="block_1")(h, temb, train)
     h = AttnBlock(self.dtype, name="attn_1")(h)
-    return ResnetBlock(self.out_ch, self.dropout, self.dtype, name="block_2")(h, temb, train)
+    return block(self.out_ch, self.dropout, self.dtype, name="block_2")(h, temb, train)
 
 
 class UNet(nn.Module):
@@ -182,7 +194,8 @@ class UNet(nn.Module):
   dropout: float = 0.1
   out_ch: int = 3
   resamp_with_conv: bool = True
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.float32  # activations (bfloat16 halves activation memory); params stay float32, output float32
+  remat: bool = False  # recompute each ResnetBlock's activations in the backward pass: less memory, more compute
 
   def __post_init__(self):
     super().__post_init__()
@@ -216,7 +229,7 @@ class UNet(nn.Module):
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [batch] = ({x.shape[0]},), got {t.shape}.")
     levels = len(self.ch_mult)
-    common = dict(dropout=self.dropout, resamp_with_conv=self.resamp_with_conv, dtype=self.dtype)
+    common = dict(dropout=self.dropout, resamp_with_conv=self.resamp_with_conv, dtype=self.dtype, remat=self.remat)
     temb = TimestepEmbed(self.ch, self.dtype, name="temb")(t)
 
     skips = [_conv(self.ch, "conv_in", dtype=self.dtype)(x.astype(self.dtype))]
@@ -225,7 +238,7 @@ class UNet(nn.Module):
       skips += DownLevel(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
                          downsample=level != levels - 1, name=f"down_{level}", **common)(skips[-1], temb, train)
 
-    h = MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype, name="mid")(skips[-1], temb, train)
+    h = MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype, self.remat, name="mid")(skips[-1], temb, train)
 
     for level in reversed(range(levels)):
       res = x.shape[1] // 2**level
