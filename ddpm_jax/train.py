@@ -177,6 +177,8 @@ def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step
 
 # Fields that fix the shapes and meaning of a checkpoint: a restart must not change them.
 _FIXED_FIELDS = ("model", "diffusion", "data.image_size", "data.channels", "training.batch_size")
+# …except these, which change how the same params are computed, not what they are: a resumed run may switch them.
+_FREE_FIELDS = ("model.dtype", "model.remat")
 
 
 def check_workdir_config(config, workdir):
@@ -185,7 +187,7 @@ def check_workdir_config(config, workdir):
   new = flax.traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   if fileio.exists(path):
     old = flax.traverse_util.flatten_dict(json.loads(fileio.read_text(path)), sep=".")
-    fixed = lambda k: any(k == f or k.startswith(f + ".") for f in _FIXED_FIELDS)
+    fixed = lambda k: any(k == f or k.startswith(f + ".") for f in _FIXED_FIELDS) and k not in _FREE_FIELDS
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if fixed(k) and old.get(k) != new.get(k)]
     if diff:
