@@ -1,0 +1,115 @@
+"""Peak memory (RSS) of the train step: ours, ours with remat, and PyTorch, each in a fresh process.
+
+  python benchmarks/bench_memory.py [--batch=32] [--steps=2] [--variants ours ours_remat diffusers] [--quick]
+
+Each variant runs in its own child process (so allocator caches and compile buffers never carry over), which builds
+its model, optimizer state and batch, then runs --steps train steps (the same steps bench_train times). The peak is
+the child's ru_maxrss, read by the parent with os.wait4 (this child's rusage alone). The child also reports its RSS
+after the imports and the weights ("base"), so that what the optimizer state, the compile and the step add shows
+apart from the imports. Our child imports JAX and ddpm_jax.train (which brings TensorFlow in through clu), never
+torch; the PyTorch child never imports JAX.
+The last line is the headline: peak RSS ours ÷ PyTorch, without and with remat.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
+
+# XLA:CPU's default concurrency-optimised scheduler runs recomputations early, which undoes remat (docs/performance.md);
+# the *_memsched variants turn it off for the child.
+MEMSCHED = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+VARIANTS = {"ours": (dict(), ""), "ours_remat": (dict(remat=True), ""), "ours_memsched": (dict(), MEMSCHED),
+            "ours_remat_memsched": (dict(remat=True), MEMSCHED), "ours_bf16": (dict(dtype="bfloat16"), ""),
+            "diffusers": (None, "")}
+
+
+def _rss_mib():
+  """This process's resident memory now, MiB."""
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+
+
+def child(variant, model_name, batch, steps, threads):
+  """Runs in the child: builds the variant, runs the steps, prints one JSON line."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config()
+  fields, size = common.MODELS[model_name]
+  batch_np = np.random.default_rng(0).uniform(-1, 1, size=(batch, size, size, 3)).astype(np.float32)
+  if variant == "diffusers":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
+    model = common.diffusers_unet(**fields, size=size, dropout=config.model.dropout)
+    base = _rss_mib()
+    step, _ = common.torch_train_step(model, config, batch_np)  # runs the first step
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import train  # pylint: disable=g-import-not-at-top,unused-import  # its imports count in base
+    from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
+    options = dict(VARIANTS[variant][0])
+    options["dtype"] = jnp.dtype(options.get("dtype", "float32"))
+    model = unet.UNet(out_ch=3, dropout=config.model.dropout, **fields, **options)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32))
+    params = jax.block_until_ready(params["params"])
+    base = _rss_mib()
+    step, _, _, _ = common.ours_train_step(model, params, config, batch_np)  # compiles, runs the first step
+    del params
+  t0 = time.perf_counter()
+  for _ in range(steps - 1):
+    step()
+  print("RESULT " + json.dumps(dict(base=base, step_s=(time.perf_counter() - t0) / max(steps - 1, 1))), flush=True)
+
+
+def run_child(variant, args):
+  """(the child's JSON result, its ru_maxrss in MiB): os.wait4 returns this child's own rusage, no other's."""
+  cmd = [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model={args.model}",
+         f"--batch={args.batch}", f"--steps={args.steps}", f"--threads={args.threads}"]
+  env = dict(os.environ, XLA_FLAGS=" ".join(f for f in (os.environ.get("XLA_FLAGS", ""), VARIANTS[variant][1]) if f))
+  with open(os.devnull, "w") as devnull:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=devnull, text=True, env=env)
+    out = proc.stdout.read()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen the child is reaped
+  lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"{variant} child failed (exit {proc.returncode}):\n{out[-2000:]}")
+  return json.loads(lines[-1][len("RESULT "):]), rusage.ru_maxrss / 1024  # Linux: KiB
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  common.add_common_flags(parser)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=2, help="train steps per child, the first included")
+  parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["ours", "ours_remat", "diffusers"])
+  parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.quick:
+    args.model, args.batch, args.steps = "tiny", 2, 2
+  if args.child:
+    child(args.child, args.model, args.batch, args.steps, args.threads)
+    return
+  for line in common.machine_info(args.threads):
+    print(line)
+  print(f"model: {args.model}, batch {args.batch}, {args.steps} train steps per fresh process\n")
+  results = {}
+  for variant in args.variants:
+    results[variant] = run_child(variant, args)
+  rows = [[v, f"{peak:.0f}", f"{r['base']:.0f}", f"{peak - r['base']:.0f}", f"{r['step_s']:.2f}"]
+          for v, (r, peak) in results.items()]
+  common.print_table(["variant", "peak RSS MiB", "base MiB", "peak − base MiB", "s/step"], rows)
+  print("\nbase: RSS after the imports and the model's weights, before optimizer state, compile and steps; "
+        "peak − base: what those add (ours: the compile included).")
+  if "diffusers" in results:
+    base = results["diffusers"][1]
+    parts = [f"{v} {results[v][1] / base:.2f}" for v in results if v != "diffusers"]
+    print("peak RSS ÷ PyTorch: " + ", ".join(parts) + " (targets: ours ≤ 1.0, with remat ≤ 0.6)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,105 @@
+"""The reverse chain: our one-`lax.scan` sampler against its own forward pass and against diffusers' DDPMPipeline.
+
+  python benchmarks/bench_sample.py [--steps=100] [--batch=8] [--repeats=3] [--forwards=10] [--threads=N] [--quick]
+
+Reports (a) our chain's time ÷ (steps × one jitted forward at the same batch): what the scan costs beyond the
+network, and (b) images/s of ours against DDPMPipeline with the same weights (converted from the diffusers model)
+and the same number of network calls. With --steps=S < 1000 both use a T = S linear schedule from 1e-4 to 0.02, so
+each makes S calls; the paper's chain is --steps=1000. Each round runs our chain, the pipeline, and --forwards single
+forwards of each framework, the order reversed every other round; medians. The last line is the headline.
+"""
+import argparse
+import time
+
+import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import sampling
+
+
+def ours_chain(model, params, steps, shape):
+  """(chain fn, compile seconds): sampling.sample_loop over all steps, one compiled call (AOT-compiled here)."""
+  diffusion = diffusion_lib.GaussianDiffusion(diffusion_lib.get_beta_schedule("linear", num_timesteps=steps))
+  chain = jax.jit(lambda p, rng: sampling.sample_loop(sampling.unet_model_fn(model, p), diffusion, rng, shape))
+  rng = jax.random.PRNGKey(0)
+  t0 = time.perf_counter()
+  compiled = chain.lower(params, rng).compile()
+  return lambda: compiled(params, rng).block_until_ready(), time.perf_counter() - t0
+
+
+def ours_forward(model, params, shape):
+  """One jitted forward at the chain's batch, as the chain calls it (train=False)."""
+  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  t = jnp.full((shape[0],), 500, jnp.int32)
+  forward(params, x, t).block_until_ready()
+  return lambda: forward(params, x, t).block_until_ready()
+
+
+def diffusers_pipeline(model_pt, steps, batch):
+  """(chain fn, forward fn): DDPMPipeline with the paper's settings (fixed-large variance, clipped x̂0)."""
+  scheduler = diffusers.DDPMScheduler(num_train_timesteps=steps, beta_start=1e-4, beta_end=0.02,
+                                      beta_schedule="linear", variance_type="fixed_large", clip_sample=True)
+  pipe = diffusers.DDPMPipeline(unet=model_pt.eval(), scheduler=scheduler)
+  pipe.set_progress_bar_config(disable=True)
+  gen = torch.Generator().manual_seed(0)
+  pipe(batch_size=batch, num_inference_steps=min(2, steps), generator=gen, output_type="np")  # warm-up
+  size = model_pt.config.sample_size
+  x, t = torch.randn(batch, 3, size, size, generator=gen), torch.full((batch,), 500)
+
+  def forward():
+    with torch.no_grad():
+      model_pt(x, t)
+  return lambda: pipe(batch_size=batch, num_inference_steps=steps, generator=gen, output_type="np"), forward
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  common.add_common_flags(parser)
+  parser.add_argument("--steps", type=int, default=100, help="network calls per chain (the paper: 1000)")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
+  parser.add_argument("--forwards", type=int, default=10, help="single forwards of each framework per round")
+  args = parser.parse_args()
+  if args.quick:
+    args.model, args.steps, args.batch, args.repeats, args.forwards = "tiny", 5, 2, 1, 2
+  torch.set_num_threads(args.threads)
+  ours, params, theirs, size = common.matched_models(args.model)
+  shape = (args.batch, size, size, 3)
+  for line in common.machine_info(args.threads):
+    print(line)
+  print(f"model: {args.model} ({size}×{size}×3), batch {args.batch}, {args.steps} steps; {args.repeats} rounds\n")
+
+  chain, compile_s = ours_chain(ours, params, args.steps, shape)
+  forward = ours_forward(ours, params, shape)
+  pipe, forward_pt = diffusers_pipeline(theirs, args.steps, args.batch)
+  forward_pt()
+
+  def forwards(fn):
+    return lambda: [fn() for _ in range(args.forwards)]
+  times = common.alternate(dict(ours=chain, diffusers=pipe, forward=forwards(forward),
+                                forward_pt=forwards(forward_pt)), args.repeats)
+  med = {k: common.median(v) for k, v in times.items()}
+  fwd, fwd_pt = med["forward"] / args.forwards, med["forward_pt"] / args.forwards
+  overhead, overhead_pt = med["ours"] / (args.steps * fwd), med["diffusers"] / (args.steps * fwd_pt)
+  speedup = med["diffusers"] / med["ours"]
+  common.print_table(
+      ["framework", "chain s (median)", "min–max", "images/s", "one forward s", "chain ÷ (steps × forward)"],
+      [["ddpm-jax (lax.scan)", f"{med['ours']:.2f}", common.spread(times["ours"]),
+        f"{args.batch / med['ours']:.3f}", f"{fwd:.4f}", f"**{overhead:.3f}**"],
+       ["diffusers DDPMPipeline", f"{med['diffusers']:.2f}", common.spread(times["diffusers"]),
+        f"{args.batch / med['diffusers']:.3f}", f"{fwd_pt:.4f}", f"{overhead_pt:.3f}"],
+       ["ours ÷ diffusers (images/s)", "", "", f"**{speedup:.2f}**", f"{fwd_pt / fwd:.2f} (theirs ÷ ours)", ""]])
+  print(f"\nCompile of our chain: {compile_s:.1f} s (not in the chain times).")
+  print(f"chain ÷ (steps × forward) = {overhead:.3f} (target ≤ 1.03); sampling throughput ours ÷ DDPMPipeline = "
+        f"{speedup:.2f} (target ≥ 1.5)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""Each benchmark script runs end to end at its smallest settings (--quick, tiny model) and prints its headline."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch", reason="the benchmarks compare against PyTorch (the test extra)")
+pytest.importorskip("diffusers", reason="the benchmarks compare against diffusers (the test extra)")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("bench_train.py", "bench_sample.py", "bench_memory.py")
+
+
+@pytest.fixture(scope="module")
+def outputs():
+  """script → its stdout lines. The three run at once: most of their time is imports and single-threaded compiles."""
+  # One CPU device (conftest asks for 8); no LLVM optimisation: this checks that the scripts work, not their speed.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  procs = {s: subprocess.Popen([sys.executable, os.path.join("benchmarks", s), "--quick"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
+  result = {}
+  for script, proc in procs.items():
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{script} failed:\n{err[-3000:]}"
+    result[script] = out.strip().splitlines()
+  return result
+
+
+def test_bench_train_quick(outputs):
+  lines = outputs["bench_train.py"]
+  m = re.fullmatch(r"train step diffusers ÷ ours: (\d+\.\d+) at batch 2 \(target ≥ 1\.3\)", lines[-1])
+  assert m and float(m.group(1)) > 0, lines[-1]
+  flops = re.search(r"(\d+\.\d+) GFLOP/step", "\n".join(lines))
+  assert flops and float(flops.group(1)) > 0  # XLA's cost analysis gave a FLOP count
+
+
+def test_bench_sample_quick(outputs):
+  lines = outputs["bench_sample.py"]
+  m = re.fullmatch(r"chain ÷ \(steps × forward\) = (\d+\.\d+) \(target ≤ 1\.03\); sampling throughput ours ÷ "
+                   r"DDPMPipeline = (\d+\.\d+) \(target ≥ 1\.5\)", lines[-1])
+  assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, lines[-1]
+
+
+def test_bench_memory_quick(outputs):
+  lines = outputs["bench_memory.py"]
+  m = re.fullmatch(r"peak RSS ÷ PyTorch: ours (\d+\.\d+), ours_remat (\d+\.\d+) \(targets: .*\)", lines[-1])
+  assert m, lines[-1]
+  peaks = {row.split("|")[1].strip(): float(row.split("|")[2]) for row in lines if re.match(r"\| (ours|diff)", row)}
+  assert set(peaks) == {"ours", "ours_remat", "diffusers"}
+  assert all(100 < p < 20_000 for p in peaks.values()), peaks  # MiB: a real process, not a unit slip
