@@ -3,8 +3,9 @@
 Every stage resumes: sample shards (`generate.sample_to_dir`) and bits/dim shards already on disk are skipped and
 the reference statistics are cached, so a rerun after preemption redoes at most one batch. Files, in workdir/eval/:
 samples_step_N/, bpd_step_N_<split>/, ref_stats_<name>_<split>.npz, results_step_N.json. With several hosts the
-workdir must be a filesystem they share (as for checkpoints): each host writes its own shards, process 0 reads them
-all after a barrier and writes the results.
+workdir must be a filesystem they share (as for checkpoints): each host writes its own sample shards and the
+Inception features of its share of them (samples_step_N/inception_<weights>/), and process 0 reads them all after a
+barrier and writes the results.
 """
 import copy
 import json
@@ -237,24 +238,34 @@ def reference_stats(config, workdir, feature_fn, batch_size=DEFAULTS["inception_
   return mu, sigma, description
 
 
-def _first_samples(sample_dir, num_samples):
-  """The first num_samples images of sample_to_dir's shards in global order, streamed shard by shard."""
-  left = num_samples
-  for path in sorted(fileio.glob(os.path.join(sample_dir, "samples_*.npz"))):
-    if left <= 0:
-      return
-    arr = fileio.load_npz(path)["arr_0"][:left]
-    left -= len(arr)
-    yield arr
-  if left > 0:
-    raise RuntimeError(f"{sample_dir} holds {num_samples - left} samples, not {num_samples}: shards from a run with "
-                       "another sampling.batch_size? Delete the directory and rerun.")
+def write_feature_shards(sample_dir, feature_fn, batch_size, out_dir):
+  """Inception features of sample_dir's shards, this process's share: shard j goes to process j mod P.
+
+  Each becomes out_dir/<shard name> holding `pool_3` (and `logits`); finished ones are skipped on a rerun. Every host
+  runs Inception on its own share, so a pod computes the 50k samples' features in parallel.
+  """
+  paths = generate.sample_shard_paths(sample_dir)
+  mine = paths[jax.process_index()::jax.process_count()]
+  for i, path in enumerate(mine):
+    target = os.path.join(out_dir, os.path.basename(path))
+    if not fileio.exists(target):
+      fileio.save_npz(target, **fid.compute_features(feature_fn, [fileio.load_npz(path)["arr_0"]], batch_size))
+    if (i + 1) % 10 == 0 or i + 1 == len(mine):
+      logging.info("Inception features of the samples: %d/%d shards of this host", i + 1, len(mine))
 
 
-def sample_metrics(sample_dir, num_samples, feature_fn, batch_size, ref_mu, ref_sigma):
-  """FID and IS rows of the first num_samples images of sample_dir (IS only if feature_fn gives logits)."""
-  images = _logged(_first_samples(sample_dir, num_samples), "the samples", num_samples)
-  features = fid.compute_features(feature_fn, images, batch_size)
+def read_feature_shards(sample_dir, out_dir, num_samples):
+  """{'pool_3': [num_samples, 2048], 'logits' if computed}: the features of sample_dir's first num_samples images."""
+  parts = [fileio.load_npz(os.path.join(out_dir, os.path.basename(p))) for p in generate.sample_shard_paths(sample_dir)]
+  features = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]} if parts else {"pool_3": np.zeros(0)}
+  if len(features["pool_3"]) < num_samples:
+    raise RuntimeError(f"{sample_dir} holds {len(features['pool_3'])} samples, not {num_samples}: shards from a run "
+                       "with other settings? Delete the directory and rerun.")
+  return {k: v[:num_samples] for k, v in features.items()}
+
+
+def sample_metrics(features, num_samples, ref_mu, ref_sigma):
+  """FID and IS rows of the samples' Inception features (IS only if they include the logits)."""
   mu, sigma = fid.stats_from_features(features["pool_3"])
   fid_row = dict(value=fid.frechet_distance(mu, sigma, ref_mu, ref_sigma), num_samples=num_samples)
   if "logits" not in features:
@@ -322,15 +333,21 @@ def evaluate(config, workdir):
     rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), step))[1]  # not sampling's stream
     write_bpd_shards(model, params, diffusion, source, num_bpd, s["bpd_batch_size"], rng, bpd_dir)
 
+  if s["num_samples"] > 0:
+    weights = s["inception_weights"] or inception_weights.default_weights_path()
+    feature_fn = inception.make_feature_fn(inception_weights.load_inception_params(weights))
+    _barrier("eval: samples written")
+    # Keyed by the weights file: features of another Inception (e.g. one with the IS head) are never mixed in.
+    feature_dir = os.path.join(sample_dir, "inception_" + os.path.splitext(os.path.basename(weights))[0])
+    write_feature_shards(sample_dir, feature_fn, s["inception_batch_size"], feature_dir)
+
   _barrier("eval: shards written")
   results_path = os.path.join(eval_dir, f"results_step_{step:08d}{generate.sampler_tag(config)}.json")
   if jax.process_index() == 0:
     if s["num_samples"] > 0:
-      weights = s["inception_weights"] or inception_weights.default_weights_path()
-      feature_fn = inception.make_feature_fn(inception_weights.load_inception_params(weights))
       ref_mu, ref_sigma, ref_description = reference_stats(config, workdir, feature_fn, s["inception_batch_size"])
-      fid_row, is_row = sample_metrics(sample_dir, s["num_samples"], feature_fn, s["inception_batch_size"],
-                                       ref_mu, ref_sigma)
+      fid_row, is_row = sample_metrics(read_feature_shards(sample_dir, feature_dir, s["num_samples"]),
+                                       s["num_samples"], ref_mu, ref_sigma)
       results["fid"] = dict(fid_row, reference=ref_description, inception_weights=weights)
       results["inception_score"] = dict(is_row, inception_weights=weights)
     if num_bpd != 0:

@@ -1,6 +1,8 @@
 """--mode=sample: draw samples from a trained (or converted) model's EMA params and write .npz shards + a grid."""
 import logging
+import math
 import os
+import re
 
 import flax
 import jax
@@ -89,13 +91,20 @@ def sample_to_dir(config, workdir, out_dir=None):
     fileio.save_npz(path, arr_0=x)  # atomic: a killed run never leaves a half-written shard under the final name
     logging.info("Wrote shard %d/%d (%d images) to %s", b + 1, num_shards, len(x), path)
   if jax.process_index() == 0:
-    first_shard = fileio.load_npz(sorted(fileio.glob(os.path.join(out_dir, "samples_*.npz")))[0])["arr_0"]
+    first_shard = fileio.load_npz(sample_shard_paths(out_dir)[0])["arr_0"]
     grid = images.make_grid(first_shard[:64])
     images.save_png(os.path.join(out_dir, "grid.png"), grid, upscale=max(1, 512 // grid.shape[0]))
   return out_dir
 
 
+def sample_shard_paths(out_dir):
+  """sample_to_dir's shard files in global sample order: by batch, then host (numerically: host10 after host9)."""
+  def order(path):
+    m = re.fullmatch(r"samples_(\d+)_host(\d+)\.npz", os.path.basename(path))
+    return (int(m.group(1)), int(m.group(2))) if m else (math.inf, 0)
+  return sorted(fileio.glob(os.path.join(out_dir, "samples_*.npz")), key=order)
+
+
 def load_samples(out_dir):
   """All samples written by sample_to_dir, uint8 [N, H, W, C], in global order."""
-  paths = sorted(fileio.glob(os.path.join(out_dir, "samples_*.npz")))
-  return np.concatenate([fileio.load_npz(p)["arr_0"] for p in paths])
+  return np.concatenate([fileio.load_npz(p)["arr_0"] for p in sample_shard_paths(out_dir)])

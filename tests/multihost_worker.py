@@ -1,7 +1,7 @@
 """One process of a 2-process cluster on 127.0.0.1 (run by tests/test_multihost.py, not collected by pytest).
 
 argv: coordinator_port process_id workdir num_train_steps mode [heartbeat_timeout_seconds]
-mode: train (writes final_params_process<i>.npz), sample_eval (sample shards + bits/dim in workdir/eval).
+mode: train (writes final_params_process<i>.npz), sample_eval (sample shards, FID and bits/dim in workdir/eval).
 """
 import os
 import sys
@@ -29,6 +29,6 @@ if mode == "train":
 else:
   from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from test_multihost import eval_config  # pylint: disable=g-import-not-at-top
-  print("results", evaluate.evaluate(eval_config(config), workdir), flush=True)
+  print("results", evaluate.evaluate(eval_config(config, workdir), workdir), flush=True)
   from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
   generate.sample_to_dir(config, workdir)

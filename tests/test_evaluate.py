@@ -198,6 +198,62 @@ def test_reference_stats_from_the_data_source_are_cached(tmp_path):
   assert description3 == f"file {ttur}"
 
 
+def test_reference_stats_of_a_tfds_split_read_the_split_itself(tmp_path):
+  """CIFAR-10's reference statistics come from the tfds split named in the config (mocked: no download here)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  projection = np.random.default_rng(1).normal(size=(32 * 32 * 3, fid.FEATURE_DIM)).astype(np.float32) / 64
+
+  def features(images_BHWC):
+    return {"pool_3": np.tanh(np.asarray(images_BHWC, np.float32).reshape(len(images_BHWC), -1) @ projection / 255)}
+
+  config = tiny_config()
+  config.data.update(source="tfds", name="cifar10", split="test", image_size=32, channels=3, random_flip=True)
+  with tfds.testing.mock_data(num_examples=12):
+    raw = np.stack([input_pipeline.make_source(config.data)[i] for i in range(12)])
+    mu, sigma, description = evaluate.reference_stats(config, str(tmp_path), features, batch_size=5)
+  want_mu, want_sigma = fid.stats_from_features(features(raw)["pool_3"])
+  np.testing.assert_allclose(mu, want_mu, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sigma, want_sigma, rtol=1e-4, atol=1e-7)
+  assert description.startswith("tfds cifar10 test (12 images)")
+  assert fid.load_stats(str(tmp_path / "eval" / "ref_stats_cifar10_test.npz"))[0].shape == (fid.FEATURE_DIM,)
+
+
+def test_each_process_computes_the_features_of_its_share_of_the_shards(tmp_path, monkeypatch):
+  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
+  sample_dir, feature_dir = tmp_path / "samples", tmp_path / "samples" / "inception_x"
+  sample_dir.mkdir()
+  rng = np.random.default_rng(0)
+  for b in range(2):
+    for h in (0, 1, 2, 10):  # host10 sorts after host2: global order is numeric
+      np.savez(sample_dir / f"samples_{b:05d}_host{h}.npz", arr_0=rng.integers(0, 256, (3, 4, 4, 1), np.uint8))
+  names = [os.path.basename(p) for p in generate.sample_shard_paths(str(sample_dir))]
+  assert names[:4] == [f"samples_00000_host{h}.npz" for h in (0, 1, 2, 10)] and len(names) == 8
+  seen = []
+
+  def features(images_BHWC):
+    seen.append(np.asarray(images_BHWC).copy())
+    flat = np.asarray(images_BHWC, np.float32).reshape(len(images_BHWC), -1)
+    return {"pool_3": flat, "logits": flat[:, :3]}
+
+  for index in (1, 0):  # process 1 of 2 first: it must take shards 1, 3, 5, 7 and no others
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    evaluate.write_feature_shards(str(sample_dir), features, 2, str(feature_dir))
+    if index == 1:
+      assert sorted(os.listdir(feature_dir)) == sorted(names[1::2])
+  got = evaluate.read_feature_shards(str(sample_dir), str(feature_dir), 20)
+  want = generate.load_samples(str(sample_dir))[:20].astype(np.float32).reshape(20, -1)
+  np.testing.assert_array_equal(got["pool_3"], want)
+  np.testing.assert_array_equal(got["logits"], want[:, :3])
+
+  def no_features(images_BHWC):
+    raise AssertionError("finished feature shards should be skipped")
+  evaluate.write_feature_shards(str(sample_dir), no_features, 2, str(feature_dir))
+  with pytest.raises(RuntimeError, match="holds 24 samples, not 30"):
+    evaluate.read_feature_shards(str(sample_dir), str(feature_dir), 30)
+
+
 def test_settings_default_without_an_eval_section():
   config = tiny_config()
   with config.unlocked():

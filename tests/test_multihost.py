@@ -37,9 +37,10 @@ def _cluster_run(workdir, steps, mode="train"):
     assert p.returncode == 0, out[-3000:]
 
 
-def eval_config(config):
-  """Bits/dim only (FID is process 0's work after the barrier, tested in one process by test_evaluate.py)."""
-  config.eval.num_samples, config.eval.figures = 0, False
+def eval_config(config, workdir):
+  """FID of 16 samples against fixed statistics in workdir (Inception on every host) and bits/dim of 6 examples."""
+  config.eval.num_samples, config.eval.figures = 16, False
+  config.eval.ref_stats = os.path.join(workdir, "ref_stats.npz")  # the digits' own statistics would cost minutes
   config.eval.bpd_num_examples, config.eval.bpd_batch_size = 6, 4
   return config
 
@@ -69,8 +70,13 @@ def test_one_process_checkpoint_samples_evaluates_and_trains_on_two_processes(tm
   from ddpm_jax import evaluate
   from ddpm_jax import generate
   from ddpm_jax import input_pipeline
+  from ddpm_jax.evaluation import fid
+  from ddpm_jax.evaluation import inception
+  from ddpm_jax.evaluation import inception_weights
   train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "run"))
   shutil.copytree(tmp_path / "run", tmp_path / "copy")
+  ref_mu = np.random.default_rng(0).normal(size=fid.FEATURE_DIM)
+  fid.save_stats(str(tmp_path / "run" / "ref_stats.npz"), ref_mu, np.eye(fid.FEATURE_DIM))
   _cluster_run(tmp_path / "run", 4, "sample_eval")
 
   # Samples: each host wrote its half of every batch; together they are the one-process samples.
@@ -94,6 +100,17 @@ def test_one_process_checkpoint_samples_evaluates_and_trains_on_two_processes(tm
   assert got["num_examples"] == 6
   for k, name in (("total", "value"), ("prior", "prior"), ("decoder", "decoder"), ("kl_terms", "kl_terms")):
     np.testing.assert_allclose(got[name], np.mean(want[k]), rtol=1e-5, err_msg=k)
+
+  # FID: both hosts ran Inception on their share of the sample shards; process 0's FID is that of all the samples.
+  eval_samples = str(tmp_path / "run" / "eval" / "samples_step_00000004")
+  features = fid.compute_features(
+      inception.make_feature_fn(inception_weights.load_inception_params(inception_weights.default_weights_path())),
+      [generate.load_samples(eval_samples)], 16)
+  with open(tmp_path / "run" / "eval" / "results_step_00000004.json") as f:
+    got_fid = json.load(f)["fid"]
+  assert got_fid["num_samples"] == 16
+  np.testing.assert_allclose(got_fid["value"], fid.frechet_distance(*fid.stats_from_features(features["pool_3"]),
+                                                                    ref_mu, np.eye(fid.FEATURE_DIM)), rtol=1e-5)
 
   # Training continues on 2 processes from the 1-process checkpoint, like 1 process would.
   _cluster_run(tmp_path / "run", 6)
