@@ -109,3 +109,16 @@ def test_the_readme_library_example_runs():
   proc = subprocess.run([sys.executable, "-c", small], cwd=REPO, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO))
   assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_every_config_field_is_documented():
+  import importlib  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, "docs", "configs.md"), encoding="utf-8") as f:
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", f.read(), re.M))
+  names = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))]
+  for name in sorted(set(names) - {"__init__"}):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    fields = set(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
+    assert fields <= documented, f"configs/{name}.py fields missing from docs/configs.md: {sorted(fields - documented)}"
+  assert len(documented) >= 59
