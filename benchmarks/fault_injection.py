@@ -61,8 +61,12 @@ def run(kills, sig, corrupt_latest, seed, workdir, steps):
   rng = random.Random(seed)
   cache = os.path.join(workdir, "jax_cache")
   env = _env(cache)
-  ref, victim = os.path.join(workdir, "reference"), os.path.join(workdir, "killed")
-  subprocess.run(_cmd(ref, steps), cwd=REPO, env=env, check=True, capture_output=True)
+  ref = os.path.join(workdir, f"reference_{steps}")  # shared by runs in the same workdir: made once
+  victim = os.path.join(workdir, f"killed_{sig}{'_corrupt' if corrupt_latest else ''}_seed{seed}")
+  if os.path.isdir(victim):
+    raise ValueError(f"{victim} exists from an earlier run; use another --workdir or --seed.")
+  if not os.path.isdir(os.path.join(ref, "checkpoints", str(steps))):
+    subprocess.run(_cmd(ref, steps), cwd=REPO, env=env, check=True, capture_output=True)
   survived, steps_lost = 0, 0
   for k in range(kills):
     proc = subprocess.Popen(_cmd(victim, steps), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)

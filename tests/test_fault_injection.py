@@ -3,20 +3,28 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_three_random_kill9s_leave_the_final_params_bit_equal(tmp_path):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """Shared by both tests: the uninterrupted reference run and the compiled programs are made once."""
+  return tmp_path_factory.mktemp("faults")
+
+
+def test_three_random_kill9s_leave_the_final_params_bit_equal(workdir):
   out = subprocess.run([sys.executable, "benchmarks/fault_injection.py", "--kills=3", "--steps=24", "--seed=1",
-                        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                        f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   assert "kills survived / kills tried: 3 / 3" in out.stdout and "final params equal: True" in out.stdout
 
 
-def test_sigterms_with_the_latest_checkpoint_corrupted_each_time_still_end_bit_equal(tmp_path):
+def test_sigterms_with_the_latest_checkpoint_corrupted_each_time_still_end_bit_equal(workdir):
   """The harness's other two modes at once: graceful stops, then a truncated newest checkpoint before each resume."""
   out = subprocess.run([sys.executable, "benchmarks/fault_injection.py", "--kills=2", "--signal=TERM",
-                        "--corrupt_latest", "--steps=24", "--seed=2", f"--workdir={tmp_path}"], cwd=REPO,
+                        "--corrupt_latest", "--steps=24", "--seed=2", f"--workdir={workdir}"], cwd=REPO,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   assert "kills survived / kills tried: 2 / 2" in out.stdout and "final params equal: True" in out.stdout

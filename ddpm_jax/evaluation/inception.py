@@ -211,11 +211,16 @@ def param_shapes(with_logits=False):
   return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(with_logits, params, images_BHWC):
+  # One jitted function for the whole process: every feature fn made below shares its compiled executables.
+  return InceptionV3(with_logits=with_logits).apply({"params": params}, images_BHWC)
+
+
 def make_feature_fn(params):
   """jitted fn([B, H, W, C] uint8/float images in [0, 255]) → {'pool_3': [B, 2048], 'logits': [B, 1008] if loaded}.
 
   For pmap, map `InceptionV3(with_logits=...).apply` over devices with the params replicated."""
-  model = InceptionV3(with_logits="logits" in params)
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  with_logits = "logits" in params
   params = jax.device_put(params)  # once, rather than a host→device copy of 95 MB per call
-  return lambda images_BHWC: apply(params, images_BHWC)
+  return lambda images_BHWC: _apply(with_logits, params, images_BHWC)
