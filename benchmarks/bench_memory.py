@@ -19,8 +19,8 @@ import time
 
 import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
 
-# XLA:CPU's default concurrency-optimised scheduler runs recomputations early, which undoes remat (docs/performance.md);
-# the *_memsched variants turn it off for the child.
+# The *_memsched variants turn off XLA:CPU's concurrency-optimised scheduler, which may hoist recomputations early and
+# so undo remat; docs/performance.md has what it changed.
 MEMSCHED = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 VARIANTS = {"ours": (dict(), ""), "ours_remat": (dict(remat=True), ""), "ours_memsched": (dict(), MEMSCHED),
             "ours_remat_memsched": (dict(remat=True), MEMSCHED), "ours_bf16": (dict(dtype="bfloat16"), ""),
