@@ -48,16 +48,10 @@ def diffusers_unet(ch, ch_mult, num_res_blocks, attn_resolutions, size, dropout=
   """diffusers' UNet2DModel laid out as the paper's U-Net (attention on the levels at attn_resolutions)."""
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  levels = range(len(ch_mult))
-  attn = {l for l in levels if size // 2**l in attn_resolutions}
+  from ddpm_jax import pretrained  # pylint: disable=g-import-not-at-top  # no JAX: bench_memory's PyTorch child
   torch.manual_seed(seed)
-  return diffusers.UNet2DModel(
-      sample_size=size, in_channels=3, out_channels=3, layers_per_block=num_res_blocks,
-      block_out_channels=tuple(ch * m for m in ch_mult),
-      down_block_types=tuple("AttnDownBlock2D" if l in attn else "DownBlock2D" for l in levels),
-      up_block_types=tuple("AttnUpBlock2D" if l in attn else "UpBlock2D" for l in reversed(levels)),
-      downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
-      attention_head_dim=None, act_fn="silu", dropout=dropout)
+  return diffusers.UNet2DModel(**pretrained.diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions,
+                                                                  size, dropout))
 
 
 def matched_models(name, dropout=0.0, **unet_kwargs):

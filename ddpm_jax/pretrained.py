@@ -86,6 +86,23 @@ def params_from_diffusers(state, abstract_params, num_levels):
   return flax.traverse_util.unflatten_dict(flat)
 
 
+def diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, image_size, dropout=0.0):
+  """Keyword arguments for diffusers' `UNet2DModel` that build the paper's U-Net with these fields of config.model.
+
+  Its weights map into ours with params_from_diffusers: the peer network of every side-by-side check, and the layout
+  of a diffusers folder made from scratch. Needs no torch: it only names the settings.
+  """
+  levels = range(len(ch_mult))
+  attn = {l for l in levels if image_size // 2**l in attn_resolutions}
+  return dict(
+      sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=num_res_blocks,
+      block_out_channels=tuple(ch * m for m in ch_mult),
+      down_block_types=tuple("AttnDownBlock2D" if l in attn else "DownBlock2D" for l in levels),
+      up_block_types=tuple("AttnUpBlock2D" if l in attn else "UpBlock2D" for l in reversed(levels)),
+      downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
+      attention_head_dim=None, act_fn="silu", dropout=dropout)
+
+
 def read_safetensors(path):
   """name → NumPy array from a .safetensors file (or a diffusers folder holding one); pickles are refused."""
   if os.path.isdir(path):

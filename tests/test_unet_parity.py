@@ -19,15 +19,9 @@ LEAF = {"W": "kernel", "b": "bias", "gamma": "scale", "beta": "bias"}
 
 def diffusers_unet(ch, ch_mult, attn_level, size):
   """diffusers' equivalent of the paper's U-Net (REFERENCE.md §1), attention on level attn_level."""
-  levels = len(ch_mult)
-  down = ["AttnDownBlock2D" if l == attn_level else "DownBlock2D" for l in range(levels)]
-  up = ["AttnUpBlock2D" if levels - 1 - u == attn_level else "UpBlock2D" for u in range(levels)]
   torch.manual_seed(0)
-  return diffusers.UNet2DModel(
-      sample_size=size, in_channels=3, out_channels=3, layers_per_block=2,
-      block_out_channels=tuple(ch * m for m in ch_mult), down_block_types=tuple(down), up_block_types=tuple(up),
-      downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
-      attention_head_dim=None, act_fn="silu").eval()
+  kwargs = pretrained.diffusers_unet_kwargs(ch, ch_mult, 2, (size // 2**attn_level,), size)
+  return diffusers.UNet2DModel(**kwargs).eval()
 
 
 def ours_from(model_pt, ours, size):
