@@ -257,11 +257,11 @@ def write_feature_shards(sample_dir, feature_fn, batch_size, out_dir):
 def read_feature_shards(sample_dir, out_dir, num_samples):
   """{'pool_3': [num_samples, 2048], 'logits' if computed}: the features of sample_dir's first num_samples images."""
   parts = [fileio.load_npz(os.path.join(out_dir, os.path.basename(p))) for p in generate.sample_shard_paths(sample_dir)]
-  features = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]} if parts else {"pool_3": np.zeros(0)}
-  if len(features["pool_3"]) < num_samples:
-    raise RuntimeError(f"{sample_dir} holds {len(features['pool_3'])} samples, not {num_samples}: shards from a run "
-                       "with other settings? Delete the directory and rerun.")
-  return {k: v[:num_samples] for k, v in features.items()}
+  held = sum(len(part["pool_3"]) for part in parts)
+  if held < num_samples:
+    raise RuntimeError(f"{sample_dir} holds {held} samples, not {num_samples}: shards from a run with other "
+                       "settings? Delete the directory and rerun.")
+  return {k: np.concatenate([part[k] for part in parts])[:num_samples] for k in parts[0]}
 
 
 def sample_metrics(features, num_samples, ref_mu, ref_sigma):
