@@ -1,4 +1,4 @@
-"""ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|eval]."""
+"""ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|eval|sweep]."""
 import re
 import sys
 
@@ -12,12 +12,14 @@ import tensorflow as tf
 from ddpm_jax import cluster
 from ddpm_jax import evaluate
 from ddpm_jax import generate
+from ddpm_jax import sampler_sweep
 from ddpm_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
-                  "train: train (resuming if possible); sample: write samples; eval: FID, IS and bits/dim.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep"],
+                  "train: train (resuming if possible); sample: write samples; eval: FID, IS and bits/dim; "
+                  "sweep: FID against the number of sampling steps (eval.sweep_methods × eval.sweep_steps).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process GPU runs without SLURM.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 … num_processes − 1 (with --coordinator_address).")
@@ -42,8 +44,10 @@ def main(argv):
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
       logging.info("Samples in %s", generate.sample_to_dir(FLAGS.config, FLAGS.workdir))
-    else:
+    elif FLAGS.mode == "eval":
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      sampler_sweep.sweep(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:
     if FLAGS.verbosity > 0:  # --verbosity=1 shows where it came from
       raise

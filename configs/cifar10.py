@@ -85,5 +85,7 @@ def get_config():
   ev.bpd_batch_size = 256  # Global batch for bits/dim (each example costs T network passes).
   ev.figures = True  # Paper Figs. 5-8 as PNGs in workdir/eval/figures and TensorBoard; rate-distortion also as CSV.
   ev.figures_num_examples = 8  # Test images for the rate-distortion curve (paper: all; T passes each) and interpolations.
+  ev.sweep_methods = ("ddim", "ancestral")  # --mode=sweep: samplers whose FID is plotted against the number of steps.
+  ev.sweep_steps = (10, 20, 50, 100, 200, 1000)  # --mode=sweep: reverse steps per sample (each from 1 to T).
 
   return config

@@ -42,6 +42,8 @@ DEFAULTS = dict(
     bpd_batch_size=256,  # Global batch for bits/dim (T network passes each); a multiple of the device count.
     figures=True,  # The paper's Figs. 5-8 (rate-distortion, progressive generation, shared latents, interpolation).
     figures_num_examples=8,  # bpd_split images for the rate-distortion curve and the interpolations.
+    sweep_methods=("ddim", "ancestral"),  # --mode=sweep: samplers whose FID is measured against the number of steps.
+    sweep_steps=(10, 20, 50, 100, 200, 1000),  # --mode=sweep: reverse steps per sample (each ≤ T).
 )
 IS_SPLITS = 10  # OpenAI's Inception Score protocol, as in the paper.
 _LOG_EVERY_IMAGES = 5000
@@ -348,7 +350,7 @@ def evaluate(config, workdir):
       ref_mu, ref_sigma, ref_description = reference_stats(config, workdir, feature_fn, s["inception_batch_size"])
       fid_row, is_row = sample_metrics(read_feature_shards(sample_dir, feature_dir, s["num_samples"]),
                                        s["num_samples"], ref_mu, ref_sigma)
-      results["fid"] = dict(fid_row, reference=ref_description, inception_weights=weights)
+      results["fid"] = dict(fid_row, reference=ref_description, inception_weights=weights, samples=sample_dir)
       results["inception_score"] = dict(is_row, inception_weights=weights)
     if num_bpd != 0:
       results["bpd"] = dict(summarize_bpd(read_bpd_shards(bpd_dir, num_bpd, s["bpd_batch_size"])), data=bpd_data,

@@ -1,4 +1,5 @@
 """The commands the README, docs/ and config docstrings show are real: they parse, and the offline ones run."""
+import ast
 import glob
 import json
 import os
@@ -45,6 +46,14 @@ def test_the_docs_show_the_commands_we_expect():
   assert len(shown_commands("python -m ddpm_jax.convert")) >= 3
 
 
+def _as_json(flag_value):
+  """A flag's value as the worker's JSON shows it (a Python tuple literal becomes a list)."""
+  try:
+    return json.loads(flag_value)
+  except ValueError:
+    return json.loads(json.dumps(ast.literal_eval(flag_value)))
+
+
 def test_every_main_command_parses_with_the_config_it_names():
   argvs = [argv for _, argv in MAIN_COMMANDS]
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "docs_flags_worker.py")], cwd=REPO,
@@ -59,7 +68,7 @@ def test_every_main_command_parses_with_the_config_it_names():
         node = result["config"]
         for key in m.group(1).split("."):
           node = node[key]
-        assert str(node) == m.group(2) or node == json.loads(m.group(2)), (path, arg, node)
+        assert str(node) == m.group(2) or node == _as_json(m.group(2)), (path, arg, node)
 
 
 def test_the_documented_tf_conversion_runs(tmp_path):
