@@ -80,6 +80,8 @@ def flops_of(compiled):
 def ours_train_step(model, params, config, batch_np):
   """(step fn, compile s, first-step s, FLOPs): training's own pmapped step, on one device, state donated.
 
+  step.compiled is the compiled executable (its HLO for profile_train's classes).
+
   batch_np [b, H, W, C]; config supplies the optimizer (clip, Adam, warmup, EMA) and the diffusion.
   """
   import flax  # pylint: disable=g-import-not-at-top
@@ -103,6 +105,7 @@ def ours_train_step(model, params, config, batch_np):
   def step():
     holder[0], metrics = compiled(holder[0], batches, slots, diffusion, rng)
     jax.block_until_ready((holder[0], metrics))
+  step.compiled = compiled
   t0 = time.perf_counter()
   step()
   return step, compile_s, time.perf_counter() - t0, flops_of(compiled)

@@ -9,12 +9,12 @@ import pytest
 pytest.importorskip("torch", reason="the benchmarks compare against PyTorch (the test extra)")
 pytest.importorskip("diffusers", reason="the benchmarks compare against diffusers (the test extra)")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("bench_train.py", "bench_sample.py", "bench_memory.py")
+SCRIPTS = ("bench_train.py", "bench_sample.py", "bench_memory.py", "profile_train.py", "bench_conv_grad.py")
 
 
 @pytest.fixture(scope="module")
 def outputs():
-  """script → its stdout lines. The three run at once: most of their time is imports and single-threaded compiles."""
+  """script → its stdout lines. They run at once: most of their time is imports and single-threaded compiles."""
   # One CPU device (conftest asks for 8); no LLVM optimisation: this checks that the scripts work, not their speed.
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
@@ -50,3 +50,34 @@ def test_bench_memory_quick(outputs):
   peaks = {row.split("|")[1].strip(): float(row.split("|")[2]) for row in lines if re.match(r"\| (ours|diff)", row)}
   assert set(peaks) == {"ours", "ours_remat", "diffusers"}
   assert all(100 < p < 20_000 for p in peaks.values()), peaks  # MiB: a real process, not a unit slip
+
+
+def test_profile_train_quick(outputs):
+  lines = outputs["profile_train.py"]
+  assert re.fullmatch(r"largest gap: .+, [+-]\d+\.\d+ s/step of ours − PyTorch's [+-]\d+\.\d+ s/step in all",
+                      lines[-1]), lines[-1]
+  rows = {row.split("|")[1].strip(): row.split("|")[2:-1] for row in lines if row.startswith("| ")}
+  assert float(rows["total"][0]) > 0 and float(rows["total"][2]) > 0
+  assert float(rows["conv forward"][0]) > 0 and float(rows["conv backward (both)"][2]) > 0  # both profiles were read
+
+
+def test_bench_conv_grad_quick(outputs):
+  lines = outputs["bench_conv_grad.py"]
+  m = re.fullmatch(r"weight gradient, XLA ÷ 9 matmuls: (\d+\.\d+) at 2×8²×16→16", lines[-1])
+  assert m and float(m.group(1)) > 0, lines[-1]
+
+
+def test_profile_classes_of_a_convolutions_gradients():
+  """The profile's HLO classes on a program whose convolutions are known: one of each kind."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import jax  # pylint: disable=g-import-not-at-top
+  import profile_train  # pylint: disable=g-import-not-at-top
+
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (y ** 2).sum()
+  x, w = jax.numpy.ones((2, 8, 8, 4)), jax.numpy.ones((3, 3, 4, 4))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+  classes = profile_train.classify_hlo(hlo)
+  convs = sorted(c for c in classes.values() if c.startswith("conv"))
+  assert convs.count("conv forward") >= 1 and "conv input grad" in convs and "conv weight grad" in convs, convs

@@ -1,0 +1,71 @@
+"""One attempt, kept reproducible: a 3×3 convolution's weight gradient as XLA compiles it against 9 shifted matmuls.
+
+  python benchmarks/bench_conv_grad.py [--repeats=7] [--quick]
+
+The hypothesis (docs/performance.md): XLA:CPU computes dW as a convolution whose contracted feature dimension is the
+batch (8 at batch 8) and whose window is the whole image, a shape its kernels run slowly; written as
+dW[i, j] = Σ_{n,h,w} x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], nine matmuls that contract over N·H·W, it would be faster.
+Both forms are checked to agree, then timed alternately in one process (medians). The last line is the headline:
+XLA's time ÷ the matmul form's at each shape (> 1: the matmul form is faster).
+"""
+import argparse
+
+import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (batch, side, in channels, out channels): the CIFAR-10 U-Net's 3×3 convolutions at batch 8 and 32.
+SHAPES = ((8, 32, 128, 128), (8, 16, 256, 256), (8, 8, 256, 256), (32, 32, 128, 128))
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def weight_grad_xla(x, w, g):
+  return jax.vjp(lambda w: _conv(x, w), w)[1](g)[0]
+
+
+def weight_grad_matmuls(x, w, g):
+  del w
+  side_h, side_w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.stack([jnp.stack([jnp.einsum("nhwc,nhwd->cd", xp[:, i:i + side_h, j:j + side_w], g)
+                               for j in range(3)]) for i in range(3)])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--quick", action="store_true", help="one small shape, 3 rounds (a smoke test)")
+  args = parser.parse_args()
+  shapes = ((2, 8, 16, 16),) if args.quick else SHAPES
+  repeats = 3 if args.quick else args.repeats
+  for line in common.machine_info(threads=0)[:2]:
+    print(line)
+  fns = dict(xla=jax.jit(weight_grad_xla), matmuls=jax.jit(weight_grad_matmuls))
+  rows, ratios = [], []
+  for b, side, cin, cout in shapes:
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (b, side, side, cin))
+    w = jax.random.normal(keys[1], (3, 3, cin, cout))
+    g = jax.random.normal(keys[2], (b, side, side, cout))
+    want = fns["xla"](x, w, g)
+    got = fns["matmuls"](x, w, g)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
+    times = common.alternate({k: (lambda f=f: jax.block_until_ready(f(x, w, g))) for k, f in fns.items()}, repeats)
+    med = {k: common.median(v) for k, v in times.items()}
+    flops = 2 * b * side * side * cin * cout * 9
+    ratio = med["xla"] / med["matmuls"]
+    ratios.append(f"{ratio:.2f} at {b}×{side}²×{cin}→{cout}")
+    rows.append([f"{b}×{side}²×{cin}→{cout}", f"{med['xla'] * 1e3:.1f}", f"{flops / med['xla'] / 1e9:.0f}",
+                 f"{med['matmuls'] * 1e3:.1f}", f"{flops / med['matmuls'] / 1e9:.0f}", f"{ratio:.2f}"])
+  common.print_table(["shape (batch×side²×in→out)", "XLA ms", "GFLOP/s", "9 matmuls ms", "GFLOP/s",
+                      "XLA ÷ matmuls"], rows)
+  print("\nweight gradient, XLA ÷ 9 matmuls: " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+  main()
