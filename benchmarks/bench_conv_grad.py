@@ -30,10 +30,11 @@ def weight_grad_xla(x, w, g):
 
 def weight_grad_matmuls(x, w, g):
   del w
-  side_h, side_w = x.shape[1:3]
+  side_h, side_w, cin = x.shape[1:]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.stack([jnp.stack([jnp.einsum("nhwc,nhwd->cd", xp[:, i:i + side_h, j:j + side_w], g)
-                               for j in range(3)]) for i in range(3)])
+  g2 = g.reshape(-1, g.shape[-1])  # [N·H·W, out]
+  shifted = lambda i, j: xp[:, i:i + side_h, j:j + side_w].reshape(-1, cin)  # [N·H·W, in]
+  return jnp.stack([jnp.stack([jnp.dot(shifted(i, j).T, g2) for j in range(3)]) for i in range(3)])
 
 
 def main():
