@@ -69,6 +69,10 @@ def sweep(config, workdir):
   for k, (method, steps) in enumerate(todo):
     logging.info("Sweep %d/%d: %s with %d steps", k + 1, len(todo), method, steps)
     results = evaluate.evaluate(pair_config(config, method, steps), workdir)
+    if rows and results["checkpoint_step"] != rows[0]["checkpoint_step"]:
+      raise RuntimeError(f"the sweep began on the checkpoint of step {rows[0]['checkpoint_step']} and a checkpoint "
+                         f"of step {results['checkpoint_step']} appeared meanwhile; rerun it when training has "
+                         "stopped (finished pairs are kept).")
     rows.append(dict(method=method, steps=steps, eta=config.sampling.eta if method == "ddim" else None,
                      fid=results["fid"]["value"], num_samples=results["fid"]["num_samples"],
                      samples=results["fid"]["samples"], checkpoint_step=results["checkpoint_step"]))

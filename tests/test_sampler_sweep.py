@@ -108,3 +108,16 @@ def test_write_tables_and_figure_for_both_samplers(tmp_path):
                                      "ancestral,,10,98,5"]
   figure = np.asarray(Image.open(tmp_path / "sweep.png"))
   assert figure.shape[1] == 1300 and figure.std() > 10  # drawn, not blank
+
+
+def test_a_new_checkpoint_midway_stops_the_sweep(tmp_path, monkeypatch):
+  config = _npz_config(tmp_path / "digits.npz", sweep_methods=("ddim",), sweep_steps=(5, 10))
+  steps = iter([100, 200])  # training saved step 200 while the first pair was being measured
+
+  def fake_evaluate(pair_config, workdir):
+    del pair_config, workdir
+    return dict(checkpoint_step=next(steps), fid=dict(value=1.0, num_samples=4, samples="unused"))
+  monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+  with pytest.raises(RuntimeError, match="began on the checkpoint of step 100 and a checkpoint of step 200"):
+    sampler_sweep.sweep(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # no sweep files for a mix of two checkpoints
