@@ -33,7 +33,7 @@ setuptools.setup(
         # torch is pinned to the CPU build that lies on the project's machines; diffusers is the peer
         # implementation every parity test runs side by side with.
         # nbclient + ipykernel execute the notebooks in CI.
-        "test": ["pytest>=8", "scipy>=1.13", "torch==2.13.0", "diffusers>=0.30", "nbclient>=0.10", "nbformat>=5.10",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.13", "torch==2.13.0", "diffusers>=0.30", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
     },
 )

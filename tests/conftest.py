@@ -3,7 +3,7 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One persistent compilation cache for the session, inherited by every main.py and worker subprocess: the many
+# One persistent compilation cache for the session, inherited by the xdist workers and every subprocess: the many
 # short runs of the same tiny configs compile each program once instead of once per process.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit  # pylint: disable=g-import-not-at-top
