@@ -120,11 +120,9 @@ def rate_distortion_plot(rd):
 
   Uses matplotlib's Agg canvas directly (no pyplot state, safe in any thread or headless process).
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   steps = np.arange(1, len(rd["t"]) + 1)  # reverse process time T − t + 1 (paper's t)
   fig = Figure(figsize=(12, 3.4), dpi=100)
-  canvas = FigureCanvasAgg(fig)
   panels = ((steps, rd["distortion_rmse"], "Reverse process steps (T − t + 1)", "Distortion (RMSE [0, 255])"),
             (steps, rd["rate_bpd"], "Reverse process steps (T − t + 1)", "Rate (bits/dim)"),
             (rd["rate_bpd"], rd["distortion_rmse"], "Rate (bits/dim)", "Distortion (RMSE [0, 255])"))
@@ -134,27 +132,46 @@ def rate_distortion_plot(rd):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+  return rendered(fig)
+
+
+def rendered(fig):
+  """uint8 [H, W, 3] of a matplotlib Figure, laid out and drawn on matplotlib's Agg canvas."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  canvas = FigureCanvasAgg(fig)
   fig.tight_layout()
   canvas.draw()
   return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def _write_rd(path_prefix, rd):
-  """(paths written, the plot or None without matplotlib)."""
+def write_csv(path, header, rows):
+  """A CSV file (local, gs:// or ram://) of a header and rows."""
   text = io.StringIO()
   w = csv.writer(text, lineterminator="\n")
-  w.writerow(("t", "rate_bpd", "distortion_rmse"))
-  for t, rate, dist in zip(rd["t"], rd["rate_bpd"], rd["distortion_rmse"]):
-    w.writerow((int(t) + 1, f"{rate:.8g}", f"{dist:.8g}"))
-  csv_path = path_prefix + ".csv"
-  fileio.write_text(csv_path, text.getvalue())
+  w.writerow(header)
+  w.writerows(rows)
+  fileio.write_text(path, text.getvalue())
+
+
+def save_plot(path, draw):
+  """Writes draw()'s uint8 image to path as PNG and returns it; without matplotlib, warns and returns None."""
   try:
-    plot = rate_distortion_plot(rd)
+    plot = draw()
   except ImportError:
-    logging.warning("matplotlib is not installed: %s.png not written (pip install matplotlib)", path_prefix)
-    return [csv_path], None
-  images_lib.save_png(path_prefix + ".png", plot)
-  return [csv_path, path_prefix + ".png"], plot
+    logging.warning("matplotlib is not installed: %s not written (pip install matplotlib)", path)
+    return None
+  images_lib.save_png(path, plot)
+  return plot
+
+
+def _write_rd(path_prefix, rd):
+  """(paths written, the plot or None without matplotlib)."""
+  csv_path = path_prefix + ".csv"
+  write_csv(csv_path, ("t", "rate_bpd", "distortion_rmse"),
+            [(int(t) + 1, f"{rate:.8g}", f"{dist:.8g}")
+             for t, rate, dist in zip(rd["t"], rd["rate_bpd"], rd["distortion_rmse"])])
+  plot = save_plot(path_prefix + ".png", lambda: rate_distortion_plot(rd))
+  return ([csv_path] if plot is None else [csv_path, path_prefix + ".png"]), plot
 
 
 def write_rate_distortion(path_prefix, rd):

@@ -8,8 +8,6 @@ workdir/eval/: sweep_step_N.json and .csv (a row per pair) and sweep_step_N.png 
 samples of every pair).
 """
 import copy
-import csv
-import io
 import json
 import os
 
@@ -19,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import evaluate
+from ddpm_jax import figures
 from ddpm_jax import fileio
 from ddpm_jax import generate
 from ddpm_jax import images
@@ -59,7 +58,7 @@ def pair_config(config, method, steps):
 
 
 def _label(method, eta):
-  return "ancestral (respaced)" if method == "ancestral" else f"DDIM, η = {eta:g}"
+  return "ancestral" if method == "ancestral" else f"DDIM, η = {eta:g}"
 
 
 def sweep(config, workdir):
@@ -85,32 +84,23 @@ def sweep(config, workdir):
 def write(rows, path_prefix):
   """<prefix>.json, <prefix>.csv and <prefix>.png (needs matplotlib: skipped with a warning without it)."""
   fileio.write_text(path_prefix + ".json", json.dumps(rows, indent=2))
-  text = io.StringIO()
-  w = csv.writer(text, lineterminator="\n")
-  w.writerow(("method", "eta", "steps", "fid", "num_samples"))
-  for r in rows:
-    w.writerow((r["method"], "" if r["eta"] is None else r["eta"], r["steps"], f"{r['fid']:.6g}", r["num_samples"]))
-  fileio.write_text(path_prefix + ".csv", text.getvalue())
+  figures.write_csv(path_prefix + ".csv", ("method", "eta", "steps", "fid", "num_samples"),
+                    [(r["method"], "" if r["eta"] is None else r["eta"], r["steps"], f"{r['fid']:.6g}",
+                      r["num_samples"]) for r in rows])
   shown = [generate.load_samples(r["samples"])[:NUM_SHOWN] for r in rows]
-  try:
-    figure = plot(rows, shown)
-  except ImportError:
-    logging.warning("matplotlib is not installed: %s.png not written (pip install matplotlib)", path_prefix)
-    return
-  images.save_png(path_prefix + ".png", figure)
-  logging.info("Quality against steps in %s.{png,csv,json}", path_prefix)
+  if figures.save_plot(path_prefix + ".png", lambda: plot(rows, shown)) is not None:
+    logging.info("Quality against steps in %s.{png,csv,json}", path_prefix)
 
 
 def plot(rows, shown):
   """uint8 [H, W, 3]: FID against steps per method (left) and shown[i], the first samples of rows[i] (right)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(13, max(4.0, 0.55 * len(rows) + 1.0)), dpi=100)
-  canvas = FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 2, 1)
   for method in dict.fromkeys(r["method"] for r in rows):
     mine = [r for r in rows if r["method"] == method]
-    ax.plot([r["steps"] for r in mine], [r["fid"] for r in mine], "o-", label=_label(method, mine[0]["eta"]))
+    respaced = " (respaced)" if method == "ancestral" else ""
+    ax.plot([r["steps"] for r in mine], [r["fid"] for r in mine], "o-", label=_label(method, mine[0]["eta"]) + respaced)
   ax.set_xscale("log")
   ax.set_xlabel("sampling steps (network evaluations per sample)")
   ax.set_ylabel(f"FID ({rows[0]['num_samples']} samples)")
@@ -124,9 +114,7 @@ def plot(rows, shown):
   right.imshow(sheet.squeeze(-1) if sheet.shape[-1] == 1 else sheet, cmap="gray", interpolation="nearest")
   row_height = sheet.shape[0] / len(rows)
   right.set_yticks([(i + 0.5) * row_height for i in range(len(rows))])
-  right.set_yticklabels([f"{_label(r['method'], r['eta']).split(' (')[0]}, {r['steps']}" for r in rows])
+  right.set_yticklabels([f"{_label(r['method'], r['eta'])}, {r['steps']}" for r in rows])
   right.set_xticks([])
   right.set_title("the same x_T through each sampler")
-  fig.tight_layout()
-  canvas.draw()
-  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+  return figures.rendered(fig)
