@@ -46,6 +46,11 @@ def _computations(hlo_text):
   return comps
 
 
+def _opcode(line):
+  m = _INSTRUCTION.match(line)
+  return m.group(2) if m else ""
+
+
 def _conv_class(conv_line, outer_line):
   """A convolution's class from its own HLO line and the line of the fusion around it (which has the op name)."""
   window = re.search(r"window=\{size=(\d+)x(\d+)", conv_line)
@@ -68,7 +73,7 @@ def classify_hlo(hlo_text):
       called = re.search(r"calls=%?([\w.\-]+)", line)
       if opcode == "fusion" and called:
         body = comps.get(called.group(1), []) + [line]
-      ops = {(_INSTRUCTION.match(l) or [None, None, ""])[2] for l in body}
+      ops = {_opcode(l) for l in body}
       if "convolution" in ops:
         conv_line = next(l for l in body if " convolution(" in l)
         classes[name] = _conv_class(conv_line, line)
@@ -173,7 +178,7 @@ def main():
                f"{wall_pt / args.steps:.3f}", "", f"{(wall_ours - wall_pt) / args.steps:+.3f}"])
   common.print_table(["class", "ddpm-jax s/step", "share", "PyTorch s/step", "share", "ours − PyTorch"], rows)
   # Compare convolutions' backward as one class: PyTorch does not split it.
-  gaps = dict((c, mine.get(c, 0.0) - theirs_s.get(c, 0.0)) for c in CLASSES if not c.startswith("conv"))
+  gaps = {c: mine.get(c, 0.0) - theirs_s.get(c, 0.0) for c in CLASSES if not c.startswith("conv")}
   gaps["convolutions, all"] = (sum(v for k, v in mine.items() if k.startswith("conv"))
                                - sum(v for k, v in theirs_s.items() if k.startswith("conv")))
   worst = max(gaps, key=gaps.get)
