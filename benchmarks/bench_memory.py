@@ -3,11 +3,14 @@
   python benchmarks/bench_memory.py [--batch=32] [--steps=2] [--variants ours ours_remat diffusers] [--quick]
 
 Each variant runs in its own child process (so allocator caches and compile buffers never carry over), which builds
-its model, optimizer state and batch, then runs --steps train steps (the same steps bench_train times). The peak is
-the child's ru_maxrss, read by the parent with os.wait4 (this child's rusage alone). The child also reports its RSS
-after the imports and the weights ("base"), so that what the optimizer state, the compile and the step add shows
-apart from the imports. Our child imports JAX and ddpm_jax.train (which brings TensorFlow in through clu), never
-torch; the PyTorch child never imports JAX.
+its model, optimizer state and batch, then runs --steps train steps (the same steps bench_train times). The child
+reads its peak RSS (VmHWM) at the end of the first step, resets it, and reads it again after the later steps: the
+process's peak is the larger, and the two show whether the first step (imports, state, compile) or the steady
+state sets it. (The reset also clears the kernel's ru_maxrss, so the parent takes the child's figures, not its
+rusage.) The child also reports its RSS after the imports and the weights ("base"), so that what the optimizer
+state, the compile and the step add shows apart from the imports. Our child imports JAX and ddpm_jax.train_step (no
+TensorFlow: --mode=train's loop adds it through clu's writers, +0.5 GB), never torch; the PyTorch child never
+imports JAX.
 The last line is the headline: peak RSS ours ÷ PyTorch, without and with remat.
 """
 import argparse
@@ -19,18 +22,28 @@ import time
 
 import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
 
-# The *_memsched variants turn off XLA:CPU's concurrency-optimised scheduler, which may hoist recomputations early and
-# so undo remat; docs/performance.md has what it changed.
-MEMSCHED = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# The *_memsched variants compile with XLA:CPU's memory-optimised scheduler in place of its default, concurrency-
+# optimised one: 18% less temporary memory at batch 32, not at batch 8 (docs/performance.md).
+MEMSCHED = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 VARIANTS = {"ours": (dict(), ""), "ours_remat": (dict(remat=True), ""), "ours_memsched": (dict(), MEMSCHED),
             "ours_remat_memsched": (dict(remat=True), MEMSCHED), "ours_bf16": (dict(dtype="bfloat16"), ""),
             "diffusers": (None, "")}
 
 
-def _rss_mib():
-  """This process's resident memory now, MiB."""
+def _status_mib(field):
+  """A memory field of /proc/self/status (VmRSS: now; VmHWM: the peak since start or the last reset), MiB."""
   with open("/proc/self/status") as f:
-    return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+    return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
+
+
+def _rss_mib():
+  return _status_mib("VmRSS")
+
+
+def _reset_peak():
+  """Restarts VmHWM from the current RSS (Linux ≥ 4.0), so the later steps' own peak shows apart from the first's."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 
 
 def child(variant, model_name, batch, steps, threads):
@@ -49,7 +62,7 @@ def child(variant, model_name, batch, steps, threads):
   else:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from ddpm_jax import train  # pylint: disable=g-import-not-at-top,unused-import  # its imports count in base
+    from ddpm_jax import train_step  # pylint: disable=g-import-not-at-top,unused-import  # its imports count in base
     from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
     options = dict(VARIANTS[variant][0])
     options["dtype"] = jnp.dtype(options.get("dtype", "float32"))
@@ -59,26 +72,30 @@ def child(variant, model_name, batch, steps, threads):
     base = _rss_mib()
     step, _, _, _ = common.ours_train_step(model, params, config, batch_np)  # compiles, runs the first step
     del params
+  first_peak = _status_mib("VmHWM")
+  _reset_peak()
   t0 = time.perf_counter()
   for _ in range(steps - 1):
     step()
-  print("RESULT " + json.dumps(dict(base=base, step_s=(time.perf_counter() - t0) / max(steps - 1, 1))), flush=True)
+  step_s = (time.perf_counter() - t0) / max(steps - 1, 1)
+  print("RESULT " + json.dumps(dict(base=base, step_s=step_s, first_peak=first_peak, later_peak=_status_mib("VmHWM"),
+                                    tensorflow="tensorflow" in sys.modules)), flush=True)
 
 
 def run_child(variant, args):
-  """(the child's JSON result, its ru_maxrss in MiB): os.wait4 returns this child's own rusage, no other's."""
+  """(the child's JSON result, its peak RSS in MiB)."""
   cmd = [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model={args.model}",
          f"--batch={args.batch}", f"--steps={args.steps}", f"--threads={args.threads}"]
   env = dict(os.environ, XLA_FLAGS=" ".join(f for f in (os.environ.get("XLA_FLAGS", ""), VARIANTS[variant][1]) if f))
   with open(os.devnull, "w") as devnull:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=devnull, text=True, env=env)
     out = proc.stdout.read()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen the child is reaped
+    proc.wait()
   lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
     raise RuntimeError(f"{variant} child failed (exit {proc.returncode}):\n{out[-2000:]}")
-  return json.loads(lines[-1][len("RESULT "):]), rusage.ru_maxrss / 1024  # Linux: KiB
+  result = json.loads(lines[-1][len("RESULT "):])
+  return result, max(result["first_peak"], result["later_peak"])
 
 
 def main():
@@ -100,11 +117,14 @@ def main():
   results = {}
   for variant in args.variants:
     results[variant] = run_child(variant, args)
-  rows = [[v, f"{peak:.0f}", f"{r['base']:.0f}", f"{peak - r['base']:.0f}", f"{r['step_s']:.2f}"]
+  rows = [[v, f"{peak:.0f}", f"{r['base']:.0f}", f"{peak - r['base']:.0f}", f"{r['first_peak']:.0f}",
+           f"{r['later_peak']:.0f}", "yes" if r["tensorflow"] else "no", f"{r['step_s']:.2f}"]
           for v, (r, peak) in results.items()]
-  common.print_table(["variant", "peak RSS MiB", "base MiB", "peak − base MiB", "s/step"], rows)
+  common.print_table(["variant", "peak RSS MiB", "base MiB", "peak − base MiB", "peak to first step end",
+                      "peak of later steps", "TensorFlow loaded", "s/step"], rows)
   print("\nbase: RSS after the imports and the model's weights, before optimizer state, compile and steps; "
-        "peak − base: what those add (ours: the compile included).")
+        "peak − base: what those add (ours: the compile included); peak to first step end: imports, state, "
+        "compile and one step; peak of later steps: from the RSS after the first step (a reset of VmHWM).")
   if "diffusers" in results:
     base = results["diffusers"][1]
     parts = [f"{v} {results[v][1] / base:.2f}" for v in results if v != "diffusers"]

@@ -3,7 +3,7 @@
   python benchmarks/bench_train.py [--batch 8 32] [--repeats=5] [--warmup=2] [--threads=N] [--remat] [--quick]
 
 Both sides start from the same weights and do the same work per step: draw t and ε, q_sample, forward with dropout
-0.1, MSE on ε, backward, clip to global norm 1, Adam, EMA. Ours is `train.pmapped_train_steps`, the step training
+0.1, MSE on ε, backward, clip to global norm 1, Adam, EMA. Ours is `train_step.pmapped_train_steps`, the step training
 runs, on one device; theirs is the usual PyTorch loop (manual EMA with torch._foreach_lerp_). Runs alternate, one of
 each per round (plus a float32 matmul that measures this CPU's practical peak); medians after the warm-up. FLOPs
 per step are XLA's cost analysis of our compiled step; both frameworks are credited with the same FLOPs.

@@ -13,15 +13,15 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import fileio
 from ddpm_jax import images
 from ddpm_jax import sampling
-from ddpm_jax import train
+from ddpm_jax import train_step
 
 
 def load_ema_params(config, workdir):
   """EMA params of the latest checkpoint in workdir/checkpoints; one-line error if there is none."""
-  model = train.create_model(config)
-  tx, _ = train.create_optimizer(config.optim)
+  model = train_step.create_model(config)
+  tx, _ = train_step.create_optimizer(config.optim)
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  abstract = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), model, tx, image_shape))
+  abstract = jax.eval_shape(lambda: train_step.create_train_state(jax.random.PRNGKey(0), model, tx, image_shape))
   if config.sampling.get("checkpoint", "latest") == "best_fid":
     from ddpm_jax import fid_monitor  # pylint: disable=g-import-not-at-top
     params, info = fid_monitor.restore_best(workdir, abstract.params)

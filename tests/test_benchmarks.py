@@ -47,9 +47,13 @@ def test_bench_memory_quick(outputs):
   lines = outputs["bench_memory.py"]
   m = re.fullmatch(r"peak RSS ÷ PyTorch: ours (\d+\.\d+), ours_remat (\d+\.\d+) \(targets: .*\)", lines[-1])
   assert m, lines[-1]
-  peaks = {row.split("|")[1].strip(): float(row.split("|")[2]) for row in lines if re.match(r"\| (ours|diff)", row)}
-  assert set(peaks) == {"ours", "ours_remat", "diffusers"}
-  assert all(100 < p < 20_000 for p in peaks.values()), peaks  # MiB: a real process, not a unit slip
+  rows = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in lines
+          if re.match(r"\| (ours|diff)", row)}
+  assert set(rows) == {"ours", "ours_remat", "diffusers"}
+  for name, (peak, base, _, first, later, tensorflow, _) in rows.items():
+    assert 100 < float(peak) < 20_000, (name, peak)  # MiB: a real process, not a unit slip
+    assert float(base) <= float(first) <= float(peak) and float(later) <= float(peak), (name, rows[name])
+    assert tensorflow == "no", name  # the train step alone keeps TensorFlow out of the process
 
 
 def test_profile_train_quick(outputs):

@@ -19,6 +19,7 @@ from ddpm_jax import diffusion as dlib
 from ddpm_jax import evaluate
 from ddpm_jax import sampling
 from ddpm_jax import train
+from ddpm_jax import train_step
 from ddpm_jax.evaluation import fid
 from test_train import tiny_config
 
@@ -127,10 +128,10 @@ def test_bits_per_dim_of_the_exact_model_matches_closed_forms():
 def test_bpd_driver_matches_direct_calc_bpd_loop_whatever_the_batching(tmp_path):
   config = tiny_config()
   config.diffusion.num_timesteps = 20
-  model = train.create_model(config)
+  model = train_step.create_model(config)
   d = dlib.GaussianDiffusion.from_config(config.diffusion)
-  tx, _ = train.create_optimizer(config.optim)
-  params = train.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1)).params
+  tx, _ = train_step.create_optimizer(config.optim)
+  params = train_step.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1)).params
   # Fresh U-Nets output 0 (zero-initialised last conv); perturb so the bound depends on the network.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

@@ -282,6 +282,7 @@ def test_sample_to_dir_uses_the_configured_sampler(tmp_path):
   from ddpm_jax import generate
   from ddpm_jax import images
   from ddpm_jax import train
+  from ddpm_jax import train_step
   from test_train import tiny_config
   config = tiny_config(num_train_steps=2)
   state = train.train_and_evaluate(config, str(tmp_path))
@@ -290,7 +291,7 @@ def test_sample_to_dir_uses_the_configured_sampler(tmp_path):
   config.sampling.clip_denoised = False
   out = generate.sample_to_dir(config, str(tmp_path))
   assert out.endswith("samples/step_00000002_ddim5_eta0.0")
-  model = train.create_model(config)
+  model = train_step.create_model(config)
   d = dlib.GaussianDiffusion.from_config(config.diffusion)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
   want = sampling.sample_loop(sampling.unet_model_fn(model, state.ema_params), d, rng, (8, 8, 8, 1), num_steps=5,

@@ -15,6 +15,7 @@ from clu import metric_writers
 from configs import digits
 from ddpm_jax import diffusion as dlib
 from ddpm_jax import train
+from ddpm_jax import train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,10 +41,10 @@ def tiny_config(**training):
 
 
 def step_parts(config):
-  model = train.create_model(config)
+  model = train_step.create_model(config)
   d = dlib.GaussianDiffusion.from_config(config.diffusion)
-  tx, schedule = train.create_optimizer(config.optim)
-  state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1))
+  tx, schedule = train_step.create_optimizer(config.optim)
+  state = train_step.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1))
   kw = dict(model=model, diffusion=d, tx=tx, schedule=schedule, ema_decay=config.optim.ema_decay,
             rng=jax.random.PRNGKey(1))
   return state, kw
@@ -65,13 +66,13 @@ def test_pmapped_step_on_8_devices_equals_single_device_step():
   state, kw = step_parts(config)
   batch = jax.random.uniform(jax.random.PRNGKey(2), (16, 8, 8, 1), minval=-1, maxval=1)
   # Reference: the same per-device function on one "device" holding the whole batch (vmap supplies the axis).
-  ref_state, ref_metrics = jax.jit(jax.vmap(functools.partial(train.train_step, **kw), axis_name="batch"))(
+  ref_state, ref_metrics = jax.jit(jax.vmap(functools.partial(train_step.train_step, **kw), axis_name="batch"))(
       jax.tree.map(lambda x: x[None], state), batch[None], jnp.arange(16)[None])
   ref_state = jax.tree.map(lambda x: x[0], ref_state)
-  p_step = jax.pmap(functools.partial(train.train_steps, **kw), axis_name="batch")
+  p_step = jax.pmap(functools.partial(train_step.train_steps, **kw), axis_name="batch")
   new_state, metrics = p_step(flax.jax_utils.replicate(state), batch.reshape(8, 1, 2, 8, 8, 1),
                               jnp.arange(16).reshape(8, 2))
-  new_state = train.unreplicate(new_state)
+  new_state = train_step.unreplicate(new_state)
   assert max_rel_diff(new_state.params, state.params) > 1e-4  # the step did something
   assert max_rel_diff(new_state.params, ref_state.params) <= 1e-6
   assert max_rel_diff(new_state.ema_params, ref_state.ema_params) <= 1e-6
@@ -80,20 +81,49 @@ def test_pmapped_step_on_8_devices_equals_single_device_step():
   np.testing.assert_allclose(metrics["grad_norm"][0], ref_metrics["grad_norm"][0], rtol=1e-5)
 
 
+def test_the_ahead_of_time_compiled_step_is_the_pmapped_step_and_is_reused():
+  """What the loop runs: pmapped_train_steps compiled ahead of time gives the same state, bit for bit, and a second
+  request with the same shapes returns the same executable (a second run in a process compiles nothing)."""
+  config = tiny_config()
+  config.optim.warmup_steps = 0
+  model = train_step.create_model(config)
+  tx, _ = train_step.create_optimizer(config.optim)
+  state = flax.jax_utils.replicate(train_step.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1)))
+  p_step = train_step.pmapped_train_steps(model, tuple(sorted(config.optim.items())))
+  args = (np.random.default_rng(0).uniform(-1, 1, (8, 1, 2, 8, 8, 1)).astype(np.float32),
+          np.arange(16).reshape(8, 2), dlib.GaussianDiffusion.from_config(config.diffusion), jax.random.PRNGKey(3))
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # both calls donate their state
+  compiled = train_step.compiled_train_steps(p_step, state, *args)
+  assert train_step.compiled_train_steps(p_step, state, *args) is compiled
+  aot_state, aot_metrics = compiled(copy(state), *args)
+  jit_state, jit_metrics = p_step(copy(state), *args)
+  assert max_rel_diff(aot_state.params, state.params) > 1e-4  # the step did something
+  for a, b in zip(jax.tree.leaves((aot_state, aot_metrics)), jax.tree.leaves((jit_state, jit_metrics))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_train_step_module_keeps_tensorflow_out():
+  """Your own loop (and bench_memory) imports the step alone; TensorFlow (+0.5 GB RSS) comes only with the loop."""
+  code = ("import sys; from ddpm_jax import train_step; "
+          "print(sorted(m for m in ('tensorflow', 'clu', 'tensorflow_datasets', 'torch') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]", out
+
+
 def test_warmup_schedule_and_ema_closed_forms():
   config = tiny_config()
   config.optim.warmup_steps = 10
-  _, schedule = train.create_optimizer(config.optim)
+  _, schedule = train_step.create_optimizer(config.optim)
   for step in (0, 1, 5, 10, 11, 1000):
     np.testing.assert_allclose(schedule(step), config.optim.lr * min(step / 10, 1.0), rtol=1e-6)
   config.optim.warmup_steps = 0
-  _, constant = train.create_optimizer(config.optim)
+  _, constant = train_step.create_optimizer(config.optim)
   assert float(constant(0)) == config.optim.lr  # no warmup: full lr from the first step
   # With lr = 0 the params stay put, so after n steps EMA_n = d^n·EMA_0 + (1 − d^n)·params.
   config.optim.lr = 0.0
   state, kw = step_parts(config)
   state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.params))
-  step = jax.jit(jax.vmap(functools.partial(train.train_step, **kw), axis_name="batch"))
+  step = jax.jit(jax.vmap(functools.partial(train_step.train_step, **kw), axis_name="batch"))
   s = jax.tree.map(lambda x: x[None], state)
   for _ in range(3):
     s, _ = step(s, jnp.zeros((1, 16, 8, 8, 1)), jnp.arange(16)[None])

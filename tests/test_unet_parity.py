@@ -111,19 +111,19 @@ def test_one_train_step_matches_a_pytorch_step_with_diffusers():
   import functools
   import ml_collections
   from ddpm_jax import diffusion as dlib
-  from ddpm_jax import train
+  from ddpm_jax import train_step
   torch.set_num_threads(2)
   pt = diffusers_unet(32, (1, 2, 2, 2), attn_level=1, size=32)
   ours = unet.UNet(ch=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.0)
   params = ours_from(pt, ours, 32)
   optim = ml_collections.ConfigDict(dict(lr=2e-4, warmup_steps=0, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=1.0,
                                          ema_decay=0.9999))
-  tx, schedule = train.create_optimizer(optim)
+  tx, schedule = train_step.create_optimizer(optim)
   d = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", num_timesteps=1000))
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
   x0 = np.random.default_rng(2).uniform(-1, 1, size=(4, 32, 32, 3)).astype(np.float32)
   rng = jax.random.PRNGKey(5)
-  step = jax.jit(jax.vmap(functools.partial(train.train_step, model=ours, diffusion=d, tx=tx, schedule=schedule,
+  step = jax.jit(jax.vmap(functools.partial(train_step.train_step, model=ours, diffusion=d, tx=tx, schedule=schedule,
                                             ema_decay=0.9999, rng=rng), axis_name="batch"))
   new, metrics = step(jax.tree.map(lambda x: x[None], state), x0[None], jnp.arange(4)[None])
 

@@ -1,0 +1,175 @@
+"""The train step: TrainState with EMA, the optimizer, one DDPM step, and k of them pmapped over the devices.
+
+Pure functions of JAX, Flax and Optax alone. The training loop (train.py) adds data, checkpoints and TensorFlow-backed
+writers; a process that only needs the step (a notebook, your own loop, benchmarks/bench_memory.py) imports this
+module and never TensorFlow, which is 0.5 GB of resident memory on CPU.
+"""
+import collections
+import ctypes
+import functools
+import logging
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ddpm_jax.models import unet
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # completed train steps; the next step trains on the data batch of this index
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def create_model(config):
+  """The U-Net of config.model, with out_ch from the data channels (×2 for a learned variance).
+
+  model.dtype (activations; default 'float32') and model.remat (default False) may be absent: older configs and
+  run directories lack them.
+  """
+  learned = config.diffusion.model_var_type in ("learned", "learned_range")
+  kwargs = dict(config.model)
+  kwargs["dtype"] = jnp.dtype(config.model.get("dtype", "float32"))
+  kwargs["remat"] = bool(config.model.get("remat", False))
+  kwargs["ch_mult"], kwargs["attn_resolutions"] = tuple(kwargs["ch_mult"]), tuple(kwargs["attn_resolutions"])
+  return unet.UNet(out_ch=config.data.channels * (2 if learned else 1), **kwargs)
+
+
+def create_optimizer(optim_config):
+  """Clip to a global norm, then Adam with a linear warmup from 0 (the authors' setup)."""
+  warmup = optim_config.warmup_steps
+  # optax's linear_schedule with 0 transition steps would stay at 0 forever: no warmup means a constant lr.
+  schedule = optax.linear_schedule(0.0, optim_config.lr, warmup) if warmup > 0 else optax.constant_schedule(
+      optim_config.lr)
+  tx = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip),
+                   optax.adam(schedule, b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps))
+  return tx, schedule
+
+
+def create_train_state(rng, model, tx, image_shape):
+  """Fresh params (EMA starts equal to them) and optimizer state; image_shape is (H, W, C)."""
+  init = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,), jnp.int32)))
+  params = init(rng)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+
+
+def train_step(state, batch, slots, *, model, diffusion, tx, schedule, ema_decay, rng):
+  """One step on this device's batch [b, H, W, C]; `slots` [b] are the examples' positions in the global batch.
+
+  t and ε of an example are drawn from a key folded from (rng, step, slot), so they do not depend on how the global
+  batch is split over devices and hosts; dropout masks use the device's first slot. Gradients and metrics are
+  averaged over the 'batch' axis (all devices of all hosts).
+  """
+  example_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+  example_keys = jax.vmap(lambda s: jax.random.fold_in(example_rng, s))(slots)
+  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, diffusion.num_timesteps))(example_keys)
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:], batch.dtype))(example_keys)
+  dropout_rng = jax.random.fold_in(dropout_rng, slots[0])
+
+  def loss_fn(params):
+    model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, train=True, rngs={"dropout": dropout_rng})
+    losses, _ = diffusion.training_losses(model_fn, batch, t, noise)
+    return jnp.mean(losses)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grads = jax.lax.pmean(grads, axis_name="batch")
+  loss = jax.lax.pmean(loss, axis_name="batch")
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  # A non-finite loss or gradient leaves params, EMA and Adam moments untouched (the step still counts), so
+  # a NaN never reaches a checkpoint; the loop then stops or carries on, as configured.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         ema_params=keep(ema_params, state.ema_params), opt_state=keep(opt_state, state.opt_state))
+  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
+                 lr=schedule(state.step), nonfinite_steps=1.0 - finite.astype(jnp.float32))
+  return new_state, metrics
+
+
+def train_steps(state, batches, slots, **kwargs):
+  """k train steps in one call (batches [k, b, H, W, C]); metrics averaged over the k steps.
+
+  The k steps are unrolled at trace time rather than put in a `lax.scan`: on XLA:CPU a while loop around the
+  backward convolutions ran 16× slower (8.2 s vs 0.5 s per step, digits config; docs/performance.md).
+  """
+  all_metrics = []
+  for i in range(batches.shape[0]):
+    state, metrics = train_step(state, batches[i], slots, **kwargs)
+    all_metrics.append(metrics)
+  summed = {"nonfinite_steps"}  # counted, the rest averaged
+  return state, {k: (jnp.sum if k in summed else jnp.mean)(jnp.stack([m[k] for m in all_metrics]))
+                 for k in all_metrics[0]}
+
+
+@functools.lru_cache(maxsize=4)
+def pmapped_train_steps(model, optim_items):
+  """train_steps pmapped over all devices, state donated: fn(state, batches, slots, diffusion, rng).
+
+  Cached on (model, optimizer settings) so that another run in the same process (a notebook, the tests) reuses
+  the compiled step; the diffusion and rng are arguments, not constants, for the same reason.
+  """
+  optim_config = dict(optim_items)
+  tx, schedule = create_optimizer(ml_collections.ConfigDict(optim_config))
+  def fn(state, batches, slots, diffusion, rng):
+    return train_steps(state, batches, slots, model=model, diffusion=diffusion, tx=tx, schedule=schedule,
+                       ema_decay=optim_config["ema_decay"], rng=rng)
+  return jax.pmap(fn, axis_name="batch", in_axes=(0, 0, 0, None, None), donate_argnums=(0,))
+
+
+_COMPILED = collections.OrderedDict()  # (pmapped fn, argument shapes and devices) → executable; the newest few
+_COMPILED_KEEP = 4
+
+
+def compiled_train_steps(p_train_steps, *args):
+  """p_train_steps (from pmapped_train_steps) compiled ahead of time for the shapes of args; call it with args.
+
+  Compiling before the first step lets the loop log the compile time and the memory XLA planned for the step, and
+  hand what the compiler freed back to the OS before the step allocates its buffers: glibc keeps it otherwise,
+  ≈ 0.8 GB of host memory for the CIFAR-10 step on CPU (docs/performance.md). Cached per argument shapes, so a second
+  run in the same process compiles nothing. On a multi-host run it returns p_train_steps itself, which compiles on
+  its first call: there pmap's ahead-of-time executables expect the global device axis, not this host's arrays.
+  """
+  if jax.process_count() > 1:
+    return p_train_steps
+  leaves, treedef = jax.tree.flatten(args)
+  key = (p_train_steps, treedef,
+         tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None)) for x in leaves))
+  if key in _COMPILED:
+    _COMPILED.move_to_end(key)
+    return _COMPILED[key]
+  t0 = time.perf_counter()
+  compiled = p_train_steps.lower(*args).compile()
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    logging.info("Compiled the train step in %.1f s; per device XLA plans %.2f GiB of temporary buffers beside "
+                 "%.2f GiB of arguments.", time.perf_counter() - t0, memory.temp_size_in_bytes / 2**30,
+                 memory.argument_size_in_bytes / 2**30)
+  release_freed_memory()
+  _COMPILED[key] = compiled
+  while len(_COMPILED) > _COMPILED_KEEP:
+    _COMPILED.popitem(last=False)
+  return compiled
+
+
+def release_freed_memory():
+  """Returns the heap memory freed so far to the OS (glibc's malloc_trim); nothing happens without glibc."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators have no such call
+    pass
+
+
+def unreplicate(tree):
+  """This host's copy of a pmap-replicated pytree (works on multi-host pods, where x[0] may not be addressable)."""
+  return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
