@@ -36,10 +36,6 @@ def _status_mib(field):
     return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
 
 
-def _rss_mib():
-  return _status_mib("VmRSS")
-
-
 def _reset_peak():
   """Restarts VmHWM from the current RSS (Linux ≥ 4.0), so the later steps' own peak shows apart from the first's."""
   with open("/proc/self/clear_refs", "w") as f:
@@ -57,7 +53,7 @@ def child(variant, model_name, batch, steps, threads):
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(threads)
     model = common.diffusers_unet(**fields, size=size, dropout=config.model.dropout)
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     step, _ = common.torch_train_step(model, config, batch_np)  # runs the first step
   else:
     import jax  # pylint: disable=g-import-not-at-top
@@ -69,7 +65,7 @@ def child(variant, model_name, batch, steps, threads):
     model = unet.UNet(out_ch=3, dropout=config.model.dropout, **fields, **options)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32))
     params = jax.block_until_ready(params["params"])
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     step, _, _, _ = common.ours_train_step(model, params, config, batch_np)  # compiles, runs the first step
     del params
   first_peak = _status_mib("VmHWM")
@@ -87,10 +83,8 @@ def run_child(variant, args):
   cmd = [sys.executable, os.path.abspath(__file__), f"--child={variant}", f"--model={args.model}",
          f"--batch={args.batch}", f"--steps={args.steps}", f"--threads={args.threads}"]
   env = dict(os.environ, XLA_FLAGS=" ".join(f for f in (os.environ.get("XLA_FLAGS", ""), VARIANTS[variant][1]) if f))
-  with open(os.devnull, "w") as devnull:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=devnull, text=True, env=env)
-    out = proc.stdout.read()
-    proc.wait()
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, check=False)
+  out = proc.stdout
   lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
   if proc.returncode or not lines:
     raise RuntimeError(f"{variant} child failed (exit {proc.returncode}):\n{out[-2000:]}")
