@@ -1,12 +1,13 @@
-"""One attempt, kept reproducible: a 3×3 convolution's weight gradient as XLA compiles it against 9 shifted matmuls.
+"""Two attempts, kept reproducible: a 3×3 convolution's weight gradient as XLA compiles it against matmul forms.
 
   python benchmarks/bench_conv_grad.py [--repeats=7] [--quick]
 
 The hypothesis (docs/performance.md): XLA:CPU computes dW as a convolution whose contracted feature dimension is the
 batch (8 at batch 8) and whose window is the whole image, a shape its kernels run slowly; written as
-dW[i, j] = Σ_{n,h,w} x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], nine matmuls that contract over N·H·W, it would be faster.
-Both forms are checked to agree, then timed alternately in one process (medians). The last line is the headline:
-XLA's time ÷ the matmul form's at each shape (> 1: the matmul form is faster).
+dW[i, j] = Σ_{n,h,w} x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], nine matmuls that contract over N·H·W, it would be faster. The second form (im2col) gathers the nine shifted copies
+into one [N·H·W, 9·in] patch matrix and does one matmul with a 9× larger output.
+All forms are checked to agree, then timed alternately in one process (medians). The last line is the headline:
+XLA's time ÷ the nine matmuls' time at each shape (> 1: the matmul form is faster).
 """
 import argparse
 
@@ -37,6 +38,15 @@ def weight_grad_matmuls(x, w, g):
   return jnp.stack([jnp.stack([jnp.dot(shifted(i, j).T, g2) for j in range(3)]) for i in range(3)])
 
 
+def weight_grad_im2col(x, w, g):
+  del w
+  side_h, side_w, cin = x.shape[1:]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = jnp.concatenate([xp[:, i:i + side_h, j:j + side_w] for i in range(3) for j in range(3)], axis=-1)
+  dw = jnp.dot(patches.reshape(-1, 9 * cin).T, g.reshape(-1, g.shape[-1]))  # [9·in, out], (i, j, in) order
+  return dw.reshape(3, 3, cin, -1)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=7)
@@ -46,7 +56,7 @@ def main():
   repeats = 3 if args.quick else args.repeats
   for line in common.machine_info(threads=0)[:2]:
     print(line)
-  fns = dict(xla=jax.jit(weight_grad_xla), matmuls=jax.jit(weight_grad_matmuls))
+  fns = dict(xla=jax.jit(weight_grad_xla), matmuls=jax.jit(weight_grad_matmuls), im2col=jax.jit(weight_grad_im2col))
   rows, ratios = [], []
   for b, side, cin, cout in shapes:
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -54,17 +64,19 @@ def main():
     w = jax.random.normal(keys[1], (3, 3, cin, cout))
     g = jax.random.normal(keys[2], (b, side, side, cout))
     want = fns["xla"](x, w, g)
-    got = fns["matmuls"](x, w, g)
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
+    for name in ("matmuls", "im2col"):
+      np.testing.assert_allclose(fns[name](x, w, g), want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()),
+                                 err_msg=name)
     times = common.alternate({k: (lambda f=f: jax.block_until_ready(f(x, w, g))) for k, f in fns.items()}, repeats)
     med = {k: common.median(v) for k, v in times.items()}
     flops = 2 * b * side * side * cin * cout * 9
     ratio = med["xla"] / med["matmuls"]
     ratios.append(f"{ratio:.2f} at {b}×{side}²×{cin}→{cout}")
     rows.append([f"{b}×{side}²×{cin}→{cout}", f"{med['xla'] * 1e3:.1f}", f"{flops / med['xla'] / 1e9:.0f}",
-                 f"{med['matmuls'] * 1e3:.1f}", f"{flops / med['matmuls'] / 1e9:.0f}", f"{ratio:.2f}"])
+                 f"{med['matmuls'] * 1e3:.1f}", f"{flops / med['matmuls'] / 1e9:.0f}", f"{ratio:.2f}",
+                 f"{med['im2col'] * 1e3:.1f}", f"{med['xla'] / med['im2col']:.2f}"])
   common.print_table(["shape (batch×side²×in→out)", "XLA ms", "GFLOP/s", "9 matmuls ms", "GFLOP/s",
-                      "XLA ÷ matmuls"], rows)
+                      "XLA ÷ matmuls", "im2col ms", "XLA ÷ im2col"], rows)
   print("\nweight gradient, XLA ÷ 9 matmuls: " + ", ".join(ratios))
 
 
