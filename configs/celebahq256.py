@@ -12,6 +12,7 @@ def get_config():
   config.data.name = "celeb_a_hq/256"  # tfds config '256' holds 256×256 images.
   config.data.image_size = 256
   config.data.random_flip = True  # Paper: random horizontal flips.
+  config.data.num_threads = 8  # 256² images (JPEG for LSUN) to decode, resize and crop: a TPU host has the cores.
 
   config.model.ch_mult = (1, 1, 2, 2, 4, 4)  # 256, 128, 64, 32, 16, 8: the 113,673,219-param model.
   config.model.attn_resolutions = (16,)

@@ -22,6 +22,7 @@ def get_config():
   data.image_size = 32  # Height = width the model sees; folders are resized and center-cropped to it.
   data.channels = 3  # 3 for RGB, 1 for grayscale (kept as one channel).
   data.random_flip = True  # Random horizontal flips (paper: on for CIFAR-10).
+  data.num_threads = 2  # Threads per host decoding its slice of each batch (grain); raise it for JPEG data at 256².
 
   config.model = model = ml_collections.ConfigDict()
   model.ch = 128  # Base channel count.

@@ -29,6 +29,8 @@ def validate_config(config, model):
     raise ValueError(f"training.batch_size {t.batch_size} is not divisible by the {devices} devices; "
                      f"use a multiple of {devices}.")
   model.check_image_size(config.data.image_size)
+  if config.data.num_threads < 1:
+    raise ValueError(f"data.num_threads must be >= 1, got {config.data.num_threads}.")
   k = t.steps_per_dispatch
   if k < 1:
     raise ValueError(f"training.steps_per_dispatch must be >= 1, got {k}.")
@@ -127,7 +129,8 @@ def train_and_evaluate(config, workdir):
       local_devices, per_device)
   p_train_steps = train_step.pmapped_train_steps(model, tuple(sorted(config.optim.items())))
   batches = input_pipeline.batches(config.data, seed=config.seed, global_batch_size=global_batch,
-                                   start_step=start_step, num_local_devices=local_devices)
+                                   start_step=start_step, num_local_devices=local_devices,
+                                   num_threads=config.data.num_threads)
   state = flax.jax_utils.replicate(state)
 
   def save(step):

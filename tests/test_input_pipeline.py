@@ -70,6 +70,11 @@ def test_resuming_at_step_k_and_host_split_give_the_same_batches(indexed_npz):
                        process_count=1)
   for s in range(5, 8):
     np.testing.assert_array_equal(next(resumed), straight[s])
+  for threads in (1, 5):  # data.num_threads changes how fast batches come, not which
+    other = ip.batches(c, seed=0, global_batch_size=4, start_step=0, num_local_devices=2, process_index=0,
+                       process_count=1, num_threads=threads)
+    for s in range(8):
+      np.testing.assert_array_equal(next(other), straight[s])
   hosts = [ip.batches(c, seed=0, global_batch_size=4, start_step=0, num_local_devices=1, process_index=h,
                       process_count=2) for h in (0, 1)]
   for s in range(8):
