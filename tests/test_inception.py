@@ -123,15 +123,19 @@ def test_pool3_matches_torchscript(params, torchscript_model):
 
 
 @needs_weights
-def test_pmap_matches_reference(params, torchscript_model):
+def test_the_batch_is_split_across_the_local_devices(params, torchscript_model):
   jax = pytest.importorskip("jax")
-  if jax.device_count() < 2:
-    pytest.skip("needs 2 devices (tests/conftest.py fakes 8 CPU devices)")
-  images = np.random.default_rng(4).integers(0, 256, (2, 1, 32, 32, 3), dtype=np.uint8)
-  model = inception.InceptionV3()
-  pmapped = jax.pmap(lambda p, x: model.apply({"params": p}, x)["pool_3"], in_axes=(None, 0))
-  got = np.asarray(pmapped(params, images)).reshape(2, 2048)
-  assert _rel_err(got, _reference_pool3(torchscript_model, images.reshape(2, 32, 32, 3))) <= 1e-4
+  assert jax.local_device_count() == 8  # tests/conftest.py fakes 8 CPU devices
+  images = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  spread = inception.make_feature_fn(params)(images)["pool_3"]
+  assert len(spread.sharding.device_set) == 8
+  one = inception.make_feature_fn(params, devices=jax.local_devices()[:1])(images)["pool_3"]
+  assert len(one.sharding.device_set) == 1
+  np.testing.assert_allclose(np.asarray(spread), np.asarray(one), rtol=1e-6, atol=1e-6)
+  assert _rel_err(np.asarray(spread), _reference_pool3(torchscript_model, images)) <= 1e-4
+  # 5 images on 8 devices: padded to 8, the padding's features dropped.
+  five = inception.make_feature_fn(params)(images[:5])["pool_3"]
+  np.testing.assert_allclose(np.asarray(five), np.asarray(one)[:5], rtol=1e-6, atol=1e-6)
 
 
 def test_resize_matches_tensorflow():
