@@ -1,7 +1,8 @@
 """One process of a 2-process cluster on 127.0.0.1 (run by tests/test_multihost.py, not collected by pytest).
 
-argv: coordinator_port process_id workdir num_train_steps mode [heartbeat_timeout_seconds]
-mode: train (writes final_params_process<i>.npz), sample_eval (sample shards, FID and bits/dim in workdir/eval).
+argv: coordinator_port process_id workdir heartbeat_timeout_seconds action [action …], each action run in turn:
+  train:N        train to step N (resuming), then write final_params_process<i>.npz
+  sample_eval:N  evaluate the step-N checkpoint (sample shards, FID and bits/dim in workdir/eval), then sample
 """
 import os
 import sys
@@ -17,18 +18,19 @@ from ddpm_jax import cluster  # pylint: disable=g-import-not-at-top
 from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 from test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
-port, pid, workdir, steps, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-heartbeat = int(sys.argv[6]) if len(sys.argv) > 6 else 100
+port, pid, workdir, heartbeat = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 cluster.initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout_seconds=heartbeat)
 assert jax.process_count() == 2 and jax.device_count() == 4
-config = tiny_config(num_train_steps=steps)
-if mode == "train":
-  state = train.train_and_evaluate(config, workdir)
-  np.savez(os.path.join(workdir, f"final_params_process{pid}.npz"),
-           **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))})
-else:
-  from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from test_multihost import eval_config  # pylint: disable=g-import-not-at-top
-  print("results", evaluate.evaluate(eval_config(config, workdir), workdir), flush=True)
-  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
-  generate.sample_to_dir(config, workdir)
+for action in sys.argv[5:]:
+  mode, steps = action.split(":")
+  config = tiny_config(num_train_steps=int(steps))
+  if mode == "train":
+    state = train.train_and_evaluate(config, workdir)
+    np.savez(os.path.join(workdir, f"final_params_process{pid}.npz"),
+             **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))})
+  else:
+    from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
+    from test_multihost import eval_config  # pylint: disable=g-import-not-at-top
+    print("results", evaluate.evaluate(eval_config(config, workdir), workdir), flush=True)
+    generate.sample_to_dir(config, workdir)

@@ -23,15 +23,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_cluster(workdir, steps, mode, *extra):
+def _start_cluster(workdir, *actions, heartbeat_seconds=100):
+  """Both processes of a cluster, each running the worker's actions ("train:N", "sample_eval:N") in turn."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return [subprocess.Popen([sys.executable, WORKER, str(port), str(i), str(workdir), str(steps), mode, *extra],
+  return [subprocess.Popen([sys.executable, WORKER, str(port), str(i), str(workdir), str(heartbeat_seconds), *actions],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
 
 
-def _cluster_run(workdir, steps, mode="train"):
-  procs = _start_cluster(workdir, steps, mode)
+def _cluster_run(workdir, *actions):
+  procs = _start_cluster(workdir, *actions)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
@@ -52,8 +53,8 @@ def _params(workdir, pid):
 
 def test_two_process_cluster_matches_one_process_and_resumes(tmp_path):
   # 2 steps on the cluster, then 2 more after a restart: the checkpoint written by 2 processes restores on both.
-  _cluster_run(tmp_path / "cluster", 2)
-  _cluster_run(tmp_path / "cluster", 4)
+  _cluster_run(tmp_path / "cluster", "train:2")
+  _cluster_run(tmp_path / "cluster", "train:4")
   p0, p1 = _params(tmp_path / "cluster", 0), _params(tmp_path / "cluster", 1)
   for a, b in zip(p0, p1):
     np.testing.assert_array_equal(a, b)  # both hosts hold the same params
@@ -77,7 +78,8 @@ def test_one_process_checkpoint_samples_evaluates_and_trains_on_two_processes(tm
   shutil.copytree(tmp_path / "run", tmp_path / "copy")
   ref_mu = np.random.default_rng(0).normal(size=fid.FEATURE_DIM)
   fid.save_stats(str(tmp_path / "run" / "ref_stats.npz"), ref_mu, np.eye(fid.FEATURE_DIM))
-  _cluster_run(tmp_path / "run", 4, "sample_eval")
+  # One launch: evaluate the 1-process checkpoint, then train on from it to step 6 (checked at the end).
+  _cluster_run(tmp_path / "run", "sample_eval:4", "train:6")
 
   # Samples: each host wrote its half of every batch; together they are the one-process samples.
   config = tiny_config(num_train_steps=4)
@@ -112,8 +114,7 @@ def test_one_process_checkpoint_samples_evaluates_and_trains_on_two_processes(tm
   np.testing.assert_allclose(got_fid["value"], fid.frechet_distance(*fid.stats_from_features(features["pool_3"]),
                                                                     ref_mu, np.eye(fid.FEATURE_DIM)), rtol=1e-5)
 
-  # Training continues on 2 processes from the 1-process checkpoint, like 1 process would.
-  _cluster_run(tmp_path / "run", 6)
+  # Training continued on 2 processes from the 1-process checkpoint, like 1 process would.
   single = train.train_and_evaluate(tiny_config(num_train_steps=6), str(tmp_path / "copy"))
   assert max_rel_diff(_params(tmp_path / "run", 0), jax.tree.leaves(single.params)) <= 1e-6
 
@@ -124,7 +125,7 @@ def flax_replicate(tree):
 
 
 def test_a_dead_peer_stops_the_other_process_in_bounded_time(tmp_path):
-  procs = _start_cluster(tmp_path, 100_000, "train", "5")  # 5 s heartbeat timeout
+  procs = _start_cluster(tmp_path, "train:100000", heartbeat_seconds=5)
   deadline = time.time() + 300
   while not os.path.isdir(tmp_path / "checkpoints" / "2") and time.time() < deadline:  # training is under way
     assert procs[0].poll() is None and procs[1].poll() is None
