@@ -1,6 +1,6 @@
 """Where the train step's time goes: ddpm-jax's step under jax.profiler against diffusers' under torch.profiler.
 
-  python benchmarks/profile_train.py [--batch=8] [--steps=3] [--threads=N] [--quick]
+  python benchmarks/profile_train.py [--batch=8] [--steps=3] [--threads=N] [--forward] [--quick]
 
 Ours: every XLA:CPU thunk of the compiled step (an HLO instruction; a fusion counts as what it fuses), classified
 from the compiled HLO: convolutions split into forward, input gradient (under `transpose(...)` in the op name) and
@@ -9,7 +9,8 @@ weight gradient (a window as large as the image: the batch is the contracted dim
 classes (oneDNN does a convolution's input and weight gradient in one `convolution_backward`). Both are summed
 over --steps profiled steps after 3 warm-up steps and shown per step. XLA:CPU may run independent thunks side by side, so
 our column can add up to more than the step's wall time; the shares are what to compare.
-The last line is the headline: the class where ours loses most time against PyTorch.
+With --forward the profiled call is one forward pass at t = 500 (train=False, under torch.no_grad): what each step
+of the sampling chain runs. The last line is the headline: the class where ours loses most time against PyTorch.
 """
 import argparse
 import collections
@@ -23,6 +24,7 @@ import time
 import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -143,11 +145,30 @@ def profile_torch(step, num_steps):
   return seconds, wall
 
 
+def forward_calls(ours, params, theirs, batch_np):
+  """(our call, PyTorch's call): one forward at t = 500 each, ours AOT-compiled (call.compiled for the classes)."""
+  x, t = jnp.asarray(batch_np), jnp.full((batch_np.shape[0],), 500, jnp.int32)
+  compiled = jax.jit(lambda p, x, t: ours.apply({"params": p}, x, t)).lower(params, x, t).compile()
+  x_pt = torch.from_numpy(np.ascontiguousarray(batch_np.transpose(0, 3, 1, 2)))
+  t_pt = torch.full((batch_np.shape[0],), 500)
+  theirs.eval()
+
+  def call_ours():
+    compiled(params, x, t).block_until_ready()
+  call_ours.compiled = compiled
+
+  def call_theirs():
+    with torch.no_grad():
+      theirs(x_pt, t_pt)
+  return call_ours, call_theirs
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   common.add_common_flags(parser)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3, help="profiled steps of each framework")
+  parser.add_argument("--forward", action="store_true", help="profile one forward pass (a sampling step) instead")
   args = parser.parse_args()
   if args.quick:
     args.model, args.batch, args.steps = "tiny", 2, 1
@@ -156,10 +177,14 @@ def main():
   ours, params, theirs, size = common.matched_models(args.model, dropout=config.model.dropout)
   for line in common.machine_info(args.threads):
     print(line)
-  print(f"model: {args.model}, batch {args.batch}, {args.steps} profiled steps each after 3 warm-up steps\n")
+  what = "forward passes" if args.forward else "train steps"
+  print(f"model: {args.model}, batch {args.batch}, {args.steps} profiled {what} each after 3 warm-up calls\n")
   batch_np = np.random.default_rng(0).uniform(-1, 1, size=(args.batch, size, size, 3)).astype(np.float32)
-  step_ours, _, _, _ = common.ours_train_step(ours, params, config, batch_np)
-  step_pt, _ = common.torch_train_step(theirs, config, batch_np)
+  if args.forward:
+    step_ours, step_pt = forward_calls(ours, params, theirs, batch_np)
+  else:
+    step_ours, _, _, _ = common.ours_train_step(ours, params, config, batch_np)
+    step_pt, _ = common.torch_train_step(theirs, config, batch_np)
   for _ in range(3):  # oneDNN builds its primitives over the first steps
     step_ours()
     step_pt()

@@ -85,3 +85,18 @@ def test_profile_classes_of_a_convolutions_gradients():
   classes = profile_train.classify_hlo(hlo)
   convs = sorted(c for c in classes.values() if c.startswith("conv"))
   assert convs.count("conv forward") >= 1 and "conv input grad" in convs and "conv weight grad" in convs, convs
+
+
+def test_profile_of_one_forward_pass_on_the_tiny_model():
+  """--forward: both frameworks' forward calls run and our profile finds the forward convolutions, nothing else."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import common  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import profile_train  # pylint: disable=g-import-not-at-top
+  ours, params, theirs, size = common.matched_models("tiny")
+  batch = np.random.default_rng(0).uniform(-1, 1, size=(2, size, size, 3)).astype(np.float32)
+  call_ours, call_theirs = profile_train.forward_calls(ours, params, theirs, batch)
+  call_theirs()
+  seconds, wall = profile_train.profile_ours(call_ours, 2)
+  assert wall > 0 and seconds["conv forward"] > 0
+  assert not {"conv input grad", "conv weight grad"} & set(seconds), seconds  # a forward pass has no gradients
