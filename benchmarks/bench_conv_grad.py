@@ -4,8 +4,9 @@
 
 The hypothesis (docs/performance.md): XLA:CPU computes dW as a convolution whose contracted feature dimension is the
 batch (8 at batch 8) and whose window is the whole image, a shape its kernels run slowly; written as
-dW[i, j] = Σ_{n,h,w} x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], nine matmuls that contract over N·H·W, it would be faster. The second form (im2col) gathers the nine shifted copies
-into one [N·H·W, 9·in] patch matrix and does one matmul with a 9× larger output.
+dW[i, j] = Σ_{n,h,w} x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], nine matmuls that contract over N·H·W, it would be faster.
+The second form (im2col) gathers the nine shifted copies into one [N·H·W, 9·in] patch matrix and does one matmul
+with a 9× larger output.
 All forms are checked to agree, then timed alternately in one process (medians). The last line is the headline:
 XLA's time ÷ the nine matmuls' time at each shape (> 1: the matmul form is faster).
 """
