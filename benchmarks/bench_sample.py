@@ -15,7 +15,6 @@ import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys
 
 import diffusers
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -33,30 +32,15 @@ def ours_chain(model, params, steps, shape):
   return lambda: compiled(params, rng).block_until_ready(), time.perf_counter() - t0
 
 
-def ours_forward(model, params, shape):
-  """One jitted forward at the chain's batch, as the chain calls it (train=False)."""
-  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
-  x = jax.random.normal(jax.random.PRNGKey(1), shape)
-  t = jnp.full((shape[0],), 500, jnp.int32)
-  forward(params, x, t).block_until_ready()
-  return lambda: forward(params, x, t).block_until_ready()
-
-
 def diffusers_pipeline(model_pt, steps, batch):
-  """(chain fn, forward fn): DDPMPipeline with the paper's settings (fixed-large variance, clipped x̂0)."""
+  """DDPMPipeline with the paper's settings (fixed-large variance, clipped x̂0): its chain fn, warmed up."""
   scheduler = diffusers.DDPMScheduler(num_train_timesteps=steps, beta_start=1e-4, beta_end=0.02,
                                       beta_schedule="linear", variance_type="fixed_large", clip_sample=True)
   pipe = diffusers.DDPMPipeline(unet=model_pt.eval(), scheduler=scheduler)
   pipe.set_progress_bar_config(disable=True)
   gen = torch.Generator().manual_seed(0)
   pipe(batch_size=batch, num_inference_steps=min(2, steps), generator=gen, output_type="np")  # warm-up
-  size = model_pt.config.sample_size
-  x, t = torch.randn(batch, 3, size, size, generator=gen), torch.full((batch,), 500)
-
-  def forward():
-    with torch.no_grad():
-      model_pt(x, t)
-  return lambda: pipe(batch_size=batch, num_inference_steps=steps, generator=gen, output_type="np"), forward
+  return lambda: pipe(batch_size=batch, num_inference_steps=steps, generator=gen, output_type="np")
 
 
 def main():
@@ -77,8 +61,10 @@ def main():
   print(f"model: {args.model} ({size}×{size}×3), batch {args.batch}, {args.steps} steps; {args.repeats} rounds\n")
 
   chain, compile_s = ours_chain(ours, params, args.steps, shape)
-  forward = ours_forward(ours, params, shape)
-  pipe, forward_pt = diffusers_pipeline(theirs, args.steps, args.batch)
+  x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)  # a chain's x_T-like input, at t = 500
+  forward, forward_pt = common.ours_forward(ours, params, x), common.torch_forward(theirs, x)
+  pipe = diffusers_pipeline(theirs, args.steps, args.batch)
+  forward()
   forward_pt()
 
   def forwards(fn):

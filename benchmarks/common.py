@@ -111,6 +111,36 @@ def ours_train_step(model, params, config, batch_np):
   return step, compile_s, time.perf_counter() - t0, flops_of(compiled)
 
 
+def ours_forward(model, params, batch_np, t=500):
+  """One forward of ours at noise level t, as a sampling step calls it (train=False), AOT-compiled.
+
+  The returned fn's .compiled is the executable (its HLO for profile_train's classes). batch_np [b, H, W, C].
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x, t = jnp.asarray(batch_np), jnp.full((batch_np.shape[0],), t, jnp.int32)
+  compiled = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile()
+
+  def forward():
+    compiled(params, x, t).block_until_ready()
+  forward.compiled = compiled
+  return forward
+
+
+def torch_forward(model_pt, batch_np, t=500):
+  """One forward of the diffusers U-Net at noise level t, in eval mode and without autograd. batch_np [b, H, W, C]."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  x = torch.from_numpy(np.ascontiguousarray(batch_np.transpose(0, 3, 1, 2)))
+  t = torch.full((batch_np.shape[0],), t)
+  model_pt.eval()
+
+  def forward():
+    with torch.no_grad():
+      model_pt(x, t)
+  return forward
+
+
 def torch_train_step(model_pt, config, batch_np):
   """(step fn, first-step s): draw t and ε, q_sample, forward, MSE, backward, clip, torch Adam, EMA.
 

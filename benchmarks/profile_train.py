@@ -24,7 +24,6 @@ import time
 import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -145,24 +144,6 @@ def profile_torch(step, num_steps):
   return seconds, wall
 
 
-def forward_calls(ours, params, theirs, batch_np):
-  """(our call, PyTorch's call): one forward at t = 500 each, ours AOT-compiled (call.compiled for the classes)."""
-  x, t = jnp.asarray(batch_np), jnp.full((batch_np.shape[0],), 500, jnp.int32)
-  compiled = jax.jit(lambda p, x, t: ours.apply({"params": p}, x, t)).lower(params, x, t).compile()
-  x_pt = torch.from_numpy(np.ascontiguousarray(batch_np.transpose(0, 3, 1, 2)))
-  t_pt = torch.full((batch_np.shape[0],), 500)
-  theirs.eval()
-
-  def call_ours():
-    compiled(params, x, t).block_until_ready()
-  call_ours.compiled = compiled
-
-  def call_theirs():
-    with torch.no_grad():
-      theirs(x_pt, t_pt)
-  return call_ours, call_theirs
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   common.add_common_flags(parser)
@@ -181,7 +162,7 @@ def main():
   print(f"model: {args.model}, batch {args.batch}, {args.steps} profiled {what} each after 3 warm-up calls\n")
   batch_np = np.random.default_rng(0).uniform(-1, 1, size=(args.batch, size, size, 3)).astype(np.float32)
   if args.forward:
-    step_ours, step_pt = forward_calls(ours, params, theirs, batch_np)
+    step_ours, step_pt = common.ours_forward(ours, params, batch_np), common.torch_forward(theirs, batch_np)
   else:
     step_ours, _, _, _ = common.ours_train_step(ours, params, config, batch_np)
     step_pt, _ = common.torch_train_step(theirs, config, batch_np)

@@ -95,7 +95,7 @@ def test_profile_of_one_forward_pass_on_the_tiny_model():
   import profile_train  # pylint: disable=g-import-not-at-top
   ours, params, theirs, size = common.matched_models("tiny")
   batch = np.random.default_rng(0).uniform(-1, 1, size=(2, size, size, 3)).astype(np.float32)
-  call_ours, call_theirs = profile_train.forward_calls(ours, params, theirs, batch)
+  call_ours, call_theirs = common.ours_forward(ours, params, batch), common.torch_forward(theirs, batch)
   call_theirs()
   seconds, wall = profile_train.profile_ours(call_ours, 2)
   assert wall > 0 and seconds["conv forward"] > 0
