@@ -5,15 +5,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
-import tensorflow as tf
-
-from ddpm_jax import cluster
-from ddpm_jax import evaluate
-from ddpm_jax import generate
-from ddpm_jax import sampler_sweep
-from ddpm_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
@@ -32,6 +24,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported once the flags are good: a mistyped flag is reported in a second, not after TensorFlow has loaded.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import tensorflow as tf
+  from ddpm_jax import cluster
+  from ddpm_jax import evaluate
+  from ddpm_jax import generate
+  from ddpm_jax import sampler_sweep
+  from ddpm_jax import train
+  # pylint: enable=g-import-not-at-top
   # TensorFlow is only used for data and summaries: keep it off the accelerators JAX needs.
   tf.config.set_visible_devices([], "GPU")
   cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
