@@ -3,6 +3,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 
 def _cluster_detected():
@@ -38,5 +39,22 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, he
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   else:
     return
+  if jax.default_backend() == "cpu":
+    _connect_cpu_collectives()
   logging.info("Joined a cluster: process %d of %d, %d local and %d global devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _connect_cpu_collectives():
+  """One all-reduce over every device of the cluster, now, while the processes are in step.
+
+  XLA:CPU connects its (gloo) collectives at the first collective a program runs and gives the other processes
+  30 s to join; a host that reaches the first train step later than that (a slower compile, a busy machine) failed
+  the run with "Gloo context initialization failed: DEADLINE_EXCEEDED". The processes have just met in
+  jax.distributed.initialize, so they connect here together. A connected all-reduce waits for a late peer (130 s
+  was measured to pass on CPU, where 100 s before connecting failed).
+  """
+  ones = np.ones(jax.local_device_count(), np.int32)
+  total = int(jax.pmap(lambda x: jax.lax.psum(x, "devices"), axis_name="devices")(ones)[0])
+  if total != jax.device_count():
+    raise RuntimeError(f"the cluster's first all-reduce counted {total} devices, not {jax.device_count()}.")

@@ -1,7 +1,6 @@
 """Two processes on 127.0.0.1 (2 CPU devices each) train like one process: same params, shared checkpoints."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from ddpm_jax import train
 from test_train import max_rel_diff, tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+LATE = 60  # seconds; twice what XLA:CPU gives processes to connect their collectives
 
 
 def _free_port():
@@ -31,11 +31,12 @@ def _start_cluster(workdir, *actions, heartbeat_seconds=100):
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
 
 
-def _cluster_run(workdir, *actions):
-  procs = _start_cluster(workdir, *actions)
+def _wait(procs):
+  """Each process's output (its log at INFO), once all have exited 0."""
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+  return outs
 
 
 def eval_config(config, workdir):
@@ -46,27 +47,28 @@ def eval_config(config, workdir):
   return config
 
 
-def _params(workdir, pid):
-  with np.load(os.path.join(workdir, f"final_params_process{pid}.npz")) as f:
+def _params(workdir, step, pid):
+  with np.load(os.path.join(workdir, f"params_step{step}_process{pid}.npz")) as f:
     return [f[str(i)] for i in range(len(f.files))]
 
 
-def test_two_process_cluster_matches_one_process_and_resumes(tmp_path):
-  # 2 steps on the cluster, then 2 more after a restart: the checkpoint written by 2 processes restores on both.
-  _cluster_run(tmp_path / "cluster", "train:2")
-  _cluster_run(tmp_path / "cluster", "train:4")
-  p0, p1 = _params(tmp_path / "cluster", 0), _params(tmp_path / "cluster", 1)
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def _cluster_params(workdir, step):
+  p0, p1 = _params(workdir, step, 0), _params(workdir, step, 1)
   for a, b in zip(p0, p1):
     np.testing.assert_array_equal(a, b)  # both hosts hold the same params
-  # One process with this test's 8 devices over the same global batches (t, ε keyed per example slot).
-  single = train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "single"))
-  assert max_rel_diff(p0, jax.tree.leaves(single.params)) <= 1e-6
-  # The cluster's checkpoint restores in one process and training continues.
-  resumed = train.train_and_evaluate(tiny_config(num_train_steps=6), str(tmp_path / "cluster"))
-  assert int(resumed.step) == 6
+  return p0
 
 
-def test_one_process_checkpoint_samples_evaluates_and_trains_on_two_processes(tmp_path):
+def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, caplog):
+  """A 2-process run against one process (this test's 8 devices) over the same global batches, step by step.
+
+  Checkpoints cross between them both ways: 2 processes → 1 at step 2, 1 → 2 at step 4, 2 → 2 at step 6. Process 1
+  reaches the first train step LATE seconds after process 0 (a slow host), beyond XLA:CPU's 30 s to connect.
+  """
   from ddpm_jax import diffusion as dlib
   from ddpm_jax import evaluate
   from ddpm_jax import generate
@@ -74,49 +76,61 @@ def test_one_process_checkpoint_samples_evaluates_and_trains_on_two_processes(tm
   from ddpm_jax.evaluation import fid
   from ddpm_jax.evaluation import inception
   from ddpm_jax.evaluation import inception_weights
-  train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "run"))
-  shutil.copytree(tmp_path / "run", tmp_path / "copy")
+  run, one = tmp_path / "run", tmp_path / "one"
+  # Launch 1 trains steps 1-2 from scratch while this process trains the one-process reference to step 4 and
+  # samples it, and draws the reference bits/dim of step 4.
+  procs = _start_cluster(run, f"slow_compile:{LATE}", "train:2")
+  single = {2: _leaves(train.train_and_evaluate(tiny_config(num_train_steps=2), str(one)))}
+  config = tiny_config(num_train_steps=4)
+  single[4] = _leaves(train.train_and_evaluate(config, str(one)))
+  one_samples = generate.load_samples(generate.sample_to_dir(config, str(one), out_dir=str(tmp_path / "samples")))
+  model, params, _ = generate.load_ema_params(config, str(one))
+  source = input_pipeline.make_source(config.data)
+  want_bpd = evaluate.bits_per_dim(model, flax_replicate(params), dlib.GaussianDiffusion.from_config(config.diffusion),
+                                   np.stack([source[i] for i in range(6)]),
+                                   jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 4))[1])
+  _wait(procs)
+  assert max_rel_diff(_cluster_params(run, 2), single[2]) <= 1e-6
+
+  # The 2-process checkpoint restores in one process, which trains steps 3-4 like the reference.
+  with caplog.at_level("INFO"):
+    assert max_rel_diff(_leaves(train.train_and_evaluate(config, str(run))), single[4]) <= 1e-6
+  assert "Starting at step 2 of 4" in caplog.text  # resumed (a fresh start would give the same params)
+
+  # Launch 2 restores that 1-process checkpoint, evaluates it, trains to 6, then restores its own step 6 and trains
+  # to 8; meanwhile this process takes the reference to step 8.
   ref_mu = np.random.default_rng(0).normal(size=fid.FEATURE_DIM)
-  fid.save_stats(str(tmp_path / "run" / "ref_stats.npz"), ref_mu, np.eye(fid.FEATURE_DIM))
-  # One launch: evaluate the 1-process checkpoint, then train on from it to step 6 (checked at the end).
-  _cluster_run(tmp_path / "run", "sample_eval:4", "train:6")
+  fid.save_stats(str(run / "ref_stats.npz"), ref_mu, np.eye(fid.FEATURE_DIM))
+  procs = _start_cluster(run, "sample_eval:4", "train:6", "train:8")
+  for step in (6, 8):
+    single[step] = _leaves(train.train_and_evaluate(tiny_config(num_train_steps=step), str(one)))
+  outs = _wait(procs)
+  assert all("Starting at step 4 of 6" in out and "Starting at step 6 of 8" in out for out in outs)
+  assert max_rel_diff(_cluster_params(run, 6), single[6]) <= 1e-6
+  assert max_rel_diff(_cluster_params(run, 8), single[8]) <= 1e-5  # rounding grows with the steps: 1.8e-6 seen
 
   # Samples: each host wrote its half of every batch; together they are the one-process samples.
-  config = tiny_config(num_train_steps=4)
-  cluster_dir = tmp_path / "run" / "samples" / "step_00000004"
+  cluster_dir = run / "samples" / "step_00000004"
   assert sorted(os.listdir(cluster_dir))[:4] == ["grid.png", "samples_00000_host0.npz", "samples_00000_host1.npz",
                                                  "samples_00001_host0.npz"]
-  one = generate.load_samples(generate.sample_to_dir(config, str(tmp_path / "copy"), out_dir=str(tmp_path / "one")))
   two = generate.load_samples(str(cluster_dir))
-  assert two.shape == one.shape == (16, 8, 8, 1)
-  assert np.abs(two.astype(int) - one.astype(int)).max() <= 1  # 8 vs 2 devices per batch: float rounding only
+  assert two.shape == one_samples.shape == (16, 8, 8, 1)
+  assert np.abs(two.astype(int) - one_samples.astype(int)).max() <= 1  # 8 vs 2 devices per batch: float rounding
 
   # Bits/dim: per-host shards, read by process 0, equal the one-process bound per example.
-  model, params, _ = generate.load_ema_params(config, str(tmp_path / "copy"))
-  source = input_pipeline.make_source(config.data)
-  want = evaluate.bits_per_dim(model, flax_replicate(params), dlib.GaussianDiffusion.from_config(config.diffusion),
-                               np.stack([source[i] for i in range(6)]),
-                               jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 4))[1])
-  with open(tmp_path / "run" / "eval" / "results_step_00000004.json") as f:
-    got = json.load(f)["bpd"]
-  assert got["num_examples"] == 6
+  with open(run / "eval" / "results_step_00000004.json") as f:
+    results = json.load(f)
+  assert results["bpd"]["num_examples"] == 6
   for k, name in (("total", "value"), ("prior", "prior"), ("decoder", "decoder"), ("kl_terms", "kl_terms")):
-    np.testing.assert_allclose(got[name], np.mean(want[k]), rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(results["bpd"][name], np.mean(want_bpd[k]), rtol=1e-5, err_msg=k)
 
   # FID: both hosts ran Inception on their share of the sample shards; process 0's FID is that of all the samples.
-  eval_samples = str(tmp_path / "run" / "eval" / "samples_step_00000004")
   features = fid.compute_features(
       inception.make_feature_fn(inception_weights.load_inception_params(inception_weights.default_weights_path())),
-      [generate.load_samples(eval_samples)], 16)
-  with open(tmp_path / "run" / "eval" / "results_step_00000004.json") as f:
-    got_fid = json.load(f)["fid"]
-  assert got_fid["num_samples"] == 16
-  np.testing.assert_allclose(got_fid["value"], fid.frechet_distance(*fid.stats_from_features(features["pool_3"]),
-                                                                    ref_mu, np.eye(fid.FEATURE_DIM)), rtol=1e-5)
-
-  # Training continued on 2 processes from the 1-process checkpoint, like 1 process would.
-  single = train.train_and_evaluate(tiny_config(num_train_steps=6), str(tmp_path / "copy"))
-  assert max_rel_diff(_params(tmp_path / "run", 0), jax.tree.leaves(single.params)) <= 1e-6
+      [generate.load_samples(str(run / "eval" / "samples_step_00000004"))], 16)
+  assert results["fid"]["num_samples"] == 16
+  np.testing.assert_allclose(results["fid"]["value"], fid.frechet_distance(
+      *fid.stats_from_features(features["pool_3"]), ref_mu, np.eye(fid.FEATURE_DIM)), rtol=1e-5)
 
 
 def flax_replicate(tree):
