@@ -15,11 +15,11 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.pa
 
 import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
 from ddpm_jax import cluster  # pylint: disable=g-import-not-at-top
 from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 from ddpm_jax import train_step  # pylint: disable=g-import-not-at-top
+from test_multihost import eval_config, save_params  # pylint: disable=g-import-not-at-top
 from test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
 
@@ -42,11 +42,9 @@ for action in sys.argv[5:]:
       train_step.compiled_train_steps = _delayed(train_step.compiled_train_steps, int(steps))
   elif mode == "train":
     state = train.train_and_evaluate(config, workdir)
-    np.savez(os.path.join(workdir, f"params_step{steps}_process{pid}.npz"),
-             **{str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))})
+    save_params(workdir, steps, pid, state)
   else:
     from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
     from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
-    from test_multihost import eval_config  # pylint: disable=g-import-not-at-top
     print("results", evaluate.evaluate(eval_config(config, workdir), workdir), flush=True)
     generate.sample_to_dir(config, workdir)

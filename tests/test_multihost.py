@@ -47,13 +47,22 @@ def eval_config(config, workdir):
   return config
 
 
-def _params(workdir, step, pid):
-  with np.load(os.path.join(workdir, f"params_step{step}_process{pid}.npz")) as f:
-    return [f[str(i)] for i in range(len(f.files))]
-
-
 def _leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def _params_file(workdir, step, pid):
+  return os.path.join(workdir, f"params_step{step}_process{pid}.npz")
+
+
+def save_params(workdir, step, pid, state):
+  """What a worker's train:N leaves for the test: its params at step N."""
+  np.savez(_params_file(workdir, step, pid), **{str(i): x for i, x in enumerate(_leaves(state))})
+
+
+def _params(workdir, step, pid):
+  with np.load(_params_file(workdir, step, pid)) as f:
+    return [f[str(i)] for i in range(len(f.files))]
 
 
 def _cluster_params(workdir, step):
