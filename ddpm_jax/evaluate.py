@@ -8,6 +8,7 @@ Inception features of its share of them (samples_step_N/inception_<weights>/), a
 barrier and writes the results.
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from ddpm_jax import fileio
 from ddpm_jax import figures
 from ddpm_jax import generate
 from ddpm_jax import input_pipeline
+from ddpm_jax import progress as progress_lib
 from ddpm_jax import sampling
 from ddpm_jax.evaluation import fid
 from ddpm_jax.evaluation import inception
@@ -46,7 +48,6 @@ DEFAULTS = dict(
     sweep_steps=(10, 20, 50, 100, 200, 1000),  # --mode=sweep: reverse steps per sample (each ≤ T).
 )
 IS_SPLITS = 10  # OpenAI's Inception Score protocol, as in the paper.
-_LOG_EVERY_IMAGES = 5000
 
 
 def settings(config):
@@ -60,24 +61,23 @@ def _barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
-def _logged(images, what, total):
-  """Passes arrays of images through, logging the running count now and then."""
-  done, next_log = 0, _LOG_EVERY_IMAGES
-  for arr in images:
-    yield arr
-    done += 1 if np.ndim(arr) == 3 else len(arr)
-    if done >= next_log or done == total:
-      logging.info("Inception features of %s: %d/%d images", what, done, total)
-      next_log = done + _LOG_EVERY_IMAGES
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Bits/dim.
 
-def _bpd_per_device(model, params, diffusion, rng, images_uint8, indices):
-  """{total, prior, decoder, kl_terms} [b] of this device's images [b, H, W, C]; example i keyed by indices[i]."""
+def _bpd_per_device(model, params, diffusion, rng, images_uint8, indices, report_to):
+  """{total, prior, decoder, kl_terms} [b] of this device's images [b, H, W, C]; example i keyed by indices[i].
+
+  report_to: None, or progress.first_device_only's target id of this device (the bound's steps done go there).
+  """
   x_start = images_uint8.astype(jnp.float32) / 127.5 - 1.0
   model_fn = sampling.unet_model_fn(model, params)
+  if report_to is not None:
+    # The bound's scan (diffusion.calc_bpd_loop) runs t = T − 1, …, 0 and calls the network once per t, the same t
+    # for every example (so the vmap below leaves this unbatched): the network call is where to report from.
+    net, num_t, every = model_fn, diffusion.num_timesteps, progress_lib.loop_every(diffusion.num_timesteps)
+    def model_fn(x_t, t):
+      jax.lax.cond(t[0] % every == 0, lambda: progress_lib.to_target(report_to, num_t - t[0]), lambda: None)
+      return net(x_t, t)
 
   def one(x, i):
     # One example per bound, with its own key: the numbers do not depend on batch size, devices or hosts.
@@ -88,14 +88,15 @@ def _bpd_per_device(model, params, diffusion, rng, images_uint8, indices):
 
 
 _bpd_pmapped = jax.pmap(_bpd_per_device, axis_name="batch", static_broadcasted_argnums=(0,),
-                        in_axes=(None, 0, None, None, 0, 0))
+                        in_axes=(None, 0, None, None, 0, 0, 0))
 
 
-def bits_per_dim(model, params_replicated, diffusion, images, rng, *, first_index=0):
+def bits_per_dim(model, params_replicated, diffusion, images, rng, *, first_index=0, progress=None):
   """The VLB in bits/dim of uint8 images [N, H, W, C] (scaled to [-1, 1], no flips), split over local devices.
 
   Returns float64 [N] arrays: total, prior (L_T), decoder (L_0, the t = 0 term) and kl_terms (L_1 + … + L_{T−1}).
   Example i draws its noise from fold_in(rng, first_index + i), so any split over calls or devices agrees.
+  progress: None, or fn(steps_done) called on the host every ~1% of the T steps of the bound (values unchanged).
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
@@ -105,8 +106,13 @@ def bits_per_dim(model, params_replicated, diffusion, images, rng, *, first_inde
   padded = np.zeros((per_device * devices,) + images.shape[1:], np.uint8)
   padded[:n] = images
   indices = (first_index + np.arange(per_device * devices, dtype=np.int32)).reshape(devices, per_device)
-  out = _bpd_pmapped(model, params_replicated, diffusion, rng, padded.reshape((devices, per_device) + images.shape[1:]),
-                     indices)
+  run = functools.partial(_bpd_pmapped, model, params_replicated, diffusion, rng,
+                          padded.reshape((devices, per_device) + images.shape[1:]), indices)
+  if progress is None:
+    out = run(None)
+  else:
+    with progress_lib.target(progress) as target_id:
+      out = jax.block_until_ready(run(progress_lib.first_device_only(target_id, devices)))
   return {k: np.asarray(v, np.float64).reshape(-1)[:n] for k, v in out.items()}
 
 
@@ -150,20 +156,26 @@ def write_bpd_shards(model, params, diffusion, source, num_examples, batch_size,
   fileio.makedirs(out_dir)
   per_host = batch_size // jax.process_count()
   slices = list(_bpd_slices(num_examples, batch_size))
-  replicated = None
-  for i, (name, host, lo, hi) in enumerate(slices):
+
+  def finished(name, lo, hi):
     path = os.path.join(out_dir, name)
-    if host != jax.process_index():
-      continue
     done = _shard_indices(path) if fileio.exists(path) else None
-    if done is not None and np.array_equal(done, np.arange(lo, hi)):
-      continue
+    return done is not None and np.array_equal(done, np.arange(lo, hi))
+  todo = [(i, name, lo, hi) for i, (name, host, lo, hi) in enumerate(slices)
+          if host == jax.process_index() and not finished(name, lo, hi)]
+  steps = diffusion.num_timesteps
+  report = progress_lib.Progress(f"bits/dim of {len(todo)} shards of {per_host} examples", len(todo) * steps,
+                                 "bound steps")
+  replicated = None
+  for n, (i, name, lo, hi) in enumerate(todo):
+    path = os.path.join(out_dir, name)
     if replicated is None:
       replicated = flax.jax_utils.replicate(params)
     images = np.stack([source[j] for j in range(lo, hi)])
     # Padding to the full per-host batch keeps one shape: the bound compiles once.
     padded = np.concatenate([images, np.zeros((per_host - len(images),) + images.shape[1:], np.uint8)])
-    out = bits_per_dim(model, replicated, diffusion, padded, rng, first_index=lo)
+    out = bits_per_dim(model, replicated, diffusion, padded, rng, first_index=lo,
+                       progress=lambda done, base=n * steps: report.update(base + done))
     fileio.save_npz(path, index=np.arange(lo, hi), **{k: v[:hi - lo] for k, v in out.items()})
     logging.info("bits/dim shard %d/%d (examples %d-%d): mean %.4f", i + 1, len(slices), lo, hi - 1,
                  out["total"][:hi - lo].mean())
@@ -234,8 +246,13 @@ def reference_stats(config, workdir, feature_fn, batch_size=DEFAULTS["inception_
       logging.info("Reference statistics from the cache %s", cache)
       return mu, sigma, description
     logging.warning("%s was computed from other data (%s); recomputing for %s", cache, cached_key, key)
-  images = _logged((source[i] for i in range(len(source))), "the reference data", len(source))
-  mu, sigma = fid.stats_from_features(fid.compute_features(feature_fn, images, batch_size)["pool_3"])
+  report = progress_lib.Progress("Inception features of the reference data", len(source), "images")
+
+  def images():
+    for i in range(len(source)):
+      yield source[i]
+      report.update(i + 1)  # fetched, so at most one Inception batch ahead of the features
+  mu, sigma = fid.stats_from_features(fid.compute_features(feature_fn, images(), batch_size)["pool_3"])
   fileio.save_npz(cache, mu=mu, sigma=sigma, data=np.array(key))
   return mu, sigma, description
 
@@ -247,13 +264,12 @@ def write_feature_shards(sample_dir, feature_fn, batch_size, out_dir):
   runs Inception on its own share, so a pod computes the 50k samples' features in parallel.
   """
   paths = generate.sample_shard_paths(sample_dir)
-  mine = paths[jax.process_index()::jax.process_count()]
-  for i, path in enumerate(mine):
-    target = os.path.join(out_dir, os.path.basename(path))
-    if not fileio.exists(target):
-      fileio.save_npz(target, **fid.compute_features(feature_fn, [fileio.load_npz(path)["arr_0"]], batch_size))
-    if (i + 1) % 10 == 0 or i + 1 == len(mine):
-      logging.info("Inception features of the samples: %d/%d shards of this host", i + 1, len(mine))
+  target = lambda path: os.path.join(out_dir, os.path.basename(path))
+  todo = [p for p in paths[jax.process_index()::jax.process_count()] if not fileio.exists(target(p))]
+  report = progress_lib.Progress("Inception features of the samples", len(todo), "shards")
+  for i, path in enumerate(todo):
+    fileio.save_npz(target(path), **fid.compute_features(feature_fn, [fileio.load_npz(path)["arr_0"]], batch_size))
+    report.update(i + 1)
 
 
 def read_feature_shards(sample_dir, out_dir, num_samples):
@@ -312,6 +328,8 @@ def evaluate(config, workdir):
   measured on, with the checkpoint step and weights ('ema').
   """
   s = settings(config)
+  # Found before hours of sampling: a missing Inception file is a one-line error now, not after the samples.
+  weights = (s["inception_weights"] or inception_weights.default_weights_path()) if s["num_samples"] > 0 else None
   model, params, step = generate.load_ema_params(config, workdir)
   eval_dir = os.path.join(workdir, "eval")
   results = dict(checkpoint_step=step, weights="ema", sampler=generate.sampler_kwargs(config))
@@ -336,7 +354,6 @@ def evaluate(config, workdir):
     write_bpd_shards(model, params, diffusion, source, num_bpd, s["bpd_batch_size"], rng, bpd_dir)
 
   if s["num_samples"] > 0:
-    weights = s["inception_weights"] or inception_weights.default_weights_path()
     feature_fn = inception.make_feature_fn(inception_weights.load_inception_params(weights))
     _barrier("eval: samples written")
     # Keyed by the weights file: features of another Inception (e.g. one with the IS head) are never mixed in.

@@ -12,6 +12,7 @@ from ddpm_jax import checkpointing
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import fileio
 from ddpm_jax import images
+from ddpm_jax import progress
 from ddpm_jax import sampling
 from ddpm_jax import train_step
 
@@ -50,13 +51,17 @@ def sampler_kwargs(config):
               method=s.get("method", "ancestral"), eta=s.get("eta", 0.0))
 
 
+def chain_steps(config):
+  """Network evaluations per sample of the configured sampler (T unless respaced)."""
+  return sampler_kwargs(config)["num_steps"] or config.diffusion.num_timesteps
+
+
 def sampler_tag(config):
   """'' for the paper's chain, else e.g. '_ddim50_eta0.0': outputs of different samplers never share a directory."""
   kw = sampler_kwargs(config)
   if kw["num_steps"] is None and kw["method"] == "ancestral":
     return ""
-  steps = kw["num_steps"] or config.diffusion.num_timesteps
-  return f"_{kw['method']}{steps}" + (f"_eta{kw['eta']}" if kw["method"] == "ddim" else "")
+  return f"_{kw['method']}{chain_steps(config)}" + (f"_eta{kw['eta']}" if kw["method"] == "ddim" else "")
 
 
 def sample_to_dir(config, workdir, out_dir=None):
@@ -80,12 +85,15 @@ def sample_to_dir(config, workdir, out_dir=None):
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
   num_shards = -(-num // batch)
-  for b in range(num_shards):
-    path = os.path.join(out_dir, f"samples_{b:05d}_host{jax.process_index()}.npz")
-    if fileio.exists(path):
-      continue
-    first = b * batch + jax.process_index() * per_host
+  path_of = lambda b: os.path.join(out_dir, f"samples_{b:05d}_host{jax.process_index()}.npz")
+  todo = [b for b in range(num_shards) if not fileio.exists(path_of(b))]
+  steps = chain_steps(config)
+  # One count over every chain step of the shards to do: an ETA for the whole stage, updated from inside the chain.
+  report = progress.Progress(f"Sampling {len(todo)} shards of {per_host} images", len(todo) * steps, "chain steps")
+  for n, b in enumerate(todo):
+    path, first = path_of(b), b * batch + jax.process_index() * per_host
     x = sampling.sample_sharded(model, replicated, diffusion, rng, per_host, shape, first_index=first,
+                                progress=lambda done, base=n * steps: report.update(base + done),
                                 **sampler_kwargs(config))
     x = images.to_uint8(jax.device_get(x))[:max(0, min(per_host, num - first))]
     fileio.save_npz(path, arr_0=x)  # atomic: a killed run never leaves a half-written shard under the final name

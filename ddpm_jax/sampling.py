@@ -8,6 +8,9 @@ Faster sampling: num_steps < T runs a respaced chain (respacing.py) of num_steps
 original t (and t, not the step's index in the short chain, keys its noise, so the scheme above is unchanged).
 method='ddim' takes DDIM steps (Song et al. 2021) with noise scale η: η = 0 is deterministic given x_T, η = 1 is
 ancestral sampling with σ² = β̃ (the 'fixedsmall' chain) on the same timesteps.
+
+A chain runs for minutes as one compiled program: progress=fn has it call fn(steps run) on the host every ~1% of
+its steps (progress.py), leaving the samples unchanged; without it the program has no callback at all.
 """
 import copy
 import functools
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import progress as progress_lib
 from ddpm_jax import respacing
 
 METHODS = ("ancestral", "ddim")
@@ -74,8 +78,12 @@ def _check_sampler(diffusion, num_kept, method, eta):
 
 
 def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_init=None, first_index=0,
-           clip_denoised=True, record_every=0, method="ancestral", eta=1.0):
-  """Runs steps num_run − 1, …, 0 of `spaced` (a respacing of `diffusion`, timesteps[i] the original t of step i)."""
+           clip_denoised=True, record_every=0, method="ancestral", eta=1.0, report=None):
+  """Runs steps num_run − 1, …, 0 of `spaced` (a respacing of `diffusion`, timesteps[i] the original t of step i).
+
+  report: None, or a trace-time hook report(done) (progress.py) called every few steps with the number of steps
+  run so far (counting the current one; nothing depends on it, so it may fire as that step starts).
+  """
   batch, image_shape = shape[0], tuple(shape[1:])
   indices = first_index + jnp.arange(batch)
   if x_init is None:
@@ -90,8 +98,11 @@ def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_ini
   chunk = record_every if record_every > 0 else num_run
   num_chunks = -(-num_run // chunk)
   pad = num_chunks * chunk - num_run
+  every = progress_lib.loop_every(num_run)
 
   def step(x_t, i_scalar, t_scalar):
+    if report is not None:
+      jax.lax.cond((i_scalar >= 0) & (i_scalar % every == 0), lambda: report(num_run - i_scalar), lambda: None)
     def denoise():
       i = jnp.full((batch,), i_scalar, dtype=jnp.int32)
       t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
@@ -130,7 +141,7 @@ def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_ini
 
 
 def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, first_index=0,
-                clip_denoised=True, record_every=0, num_steps=None, method="ancestral", eta=1.0):
+                clip_denoised=True, record_every=0, num_steps=None, method="ancestral", eta=1.0, progress=None):
   """Runs the chain t = start_t, …, 0 and returns x_0 [B, H, W, C] (and, optionally, a trajectory).
 
   model_fn(x_t, t_B) → network output. By default the chain starts from x_T ~ N(0, I) at start_t = T − 1;
@@ -142,6 +153,9 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
   num_steps (None = all T) runs only the respaced timesteps respacing.spaced_timesteps(T, num_steps); start_t must
   then be one of them, and the diffusion must be concrete (closed over, not a jit argument). method is 'ancestral'
   (the paper) or 'ddim' with noise scale eta ≥ 0 (ignored by 'ancestral'). num_steps, method and eta are static.
+
+  progress: None (the default: the program has no callback), or fn(steps_done) called on the host every ~1% of
+  the steps run (e.g. progress.Progress(…).update); the samples are the same either way.
   """
   total = diffusion.num_timesteps
   spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
@@ -157,7 +171,7 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
     num_run = int(np.searchsorted(timesteps, start_t)) + 1
   return _chain(model_fn, diffusion, spaced, timesteps, rng, shape, num_run=num_run, x_init=x_init,
                 first_index=first_index, clip_denoised=clip_denoised, record_every=record_every, method=method,
-                eta=float(eta))
+                eta=float(eta), report=None if progress is None else progress_lib.host_hook(progress))
 
 
 def unet_model_fn(model, params):
@@ -166,20 +180,23 @@ def unet_model_fn(model, params):
 
 
 @functools.partial(jax.pmap, axis_name="batch", static_broadcasted_argnums=(0, 6, 7, 8, 9),
-                   in_axes=(None, 0, None, None, None, None, None, None, None, None, 0))
+                   in_axes=(None, 0, None, None, None, None, None, None, None, None, 0, 0))
 def _sample_pmapped(model, params, diffusion, spaced, timesteps, rng, per_device_shape, clip_denoised, method, eta,
-                    first_index):
+                    first_index, report_to):
+  # report_to: None (no callback in the program) or progress.first_device_only's per-device target ids.
+  report = None if report_to is None else functools.partial(progress_lib.to_target, report_to)
   return _chain(unet_model_fn(model, params), diffusion, spaced, timesteps, rng, per_device_shape,
                 num_run=timesteps.shape[0], first_index=first_index, clip_denoised=clip_denoised, method=method,
-                eta=eta)
+                eta=eta, report=report)
 
 
 def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_shape, *, first_index=0,
-                   clip_denoised=True, num_steps=None, method="ancestral", eta=1.0):
+                   clip_denoised=True, num_steps=None, method="ancestral", eta=1.0, progress=None):
   """num_samples images [num_samples, H, W, C] from the chain, split over this host's local devices.
 
   params_replicated has a leading local-device axis. Sample i equals sample first_index + i of any other split.
-  num_steps, method and eta are as in sample_loop (the respacing happens here, outside pmap).
+  num_steps, method, eta and progress are as in sample_loop (the respacing happens here, outside pmap). Only the
+  first local device calls progress, and with it this returns once the samples are computed.
   """
   n = jax.local_device_count()
   if num_samples % n:
@@ -189,6 +206,11 @@ def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_
   _check_sampler(diffusion, len(timesteps), method, eta)
   per_device = num_samples // n
   starts = first_index + per_device * jnp.arange(n)
-  out = _sample_pmapped(model, params_replicated, diffusion, spaced, timesteps, rng,
-                        (per_device,) + tuple(image_shape), clip_denoised, method, float(eta), starts)
+  run = functools.partial(_sample_pmapped, model, params_replicated, diffusion, spaced, timesteps, rng,
+                          (per_device,) + tuple(image_shape), clip_denoised, method, float(eta), starts)
+  if progress is None:
+    out = run(None)
+  else:
+    with progress_lib.target(progress) as target_id:
+      out = run(progress_lib.first_device_only(target_id, n)).block_until_ready()  # the chain reports until done
   return out.reshape((num_samples,) + tuple(image_shape))
