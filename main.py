@@ -1,4 +1,5 @@
 """ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|eval|sweep]."""
+import os
 import re
 import sys
 
@@ -6,6 +7,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from ddpm_jax import paths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
@@ -24,10 +27,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Every field, before anything heavy is imported or anything written: a bad value is one line within a second.
+  from ddpm_jax import config_checks  # pylint: disable=g-import-not-at-top  # JAX only, no TensorFlow
+  try:
+    config_checks.validate(FLAGS.config, FLAGS.mode,
+                           lambda: config_checks.device_count_before_joining(FLAGS.coordinator_address))
+  except ValueError as e:
+    sys.exit(f"main.py: error: {e}")
+  # Every path the user typed, relative to the directory the command was started in (gs://… unchanged).
+  workdir = paths.absolute(FLAGS.workdir)
+  paths.absolute_config_paths(FLAGS.config)
   # Imported once the flags are good: a mistyped flag is reported in a second, not after TensorFlow has loaded.
   # pylint: disable=g-import-not-at-top
   import jax
   import tensorflow as tf
+  from ddpm_jax import checkpointing
   from ddpm_jax import cluster
   from ddpm_jax import evaluate
   from ddpm_jax import generate
@@ -43,31 +57,66 @@ def main(argv):
   logging.info("Config:\n%s", FLAGS.config)
   try:
     if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(FLAGS.config, workdir)
     elif FLAGS.mode == "sample":
-      logging.info("Samples in %s", generate.sample_to_dir(FLAGS.config, FLAGS.workdir))
+      logging.info("Samples in %s", generate.sample_to_dir(FLAGS.config, workdir))
     elif FLAGS.mode == "eval":
-      evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+      evaluate.evaluate(FLAGS.config, workdir)
     else:
-      sampler_sweep.sweep(FLAGS.config, FLAGS.workdir)
+      sampler_sweep.sweep(FLAGS.config, workdir)
+  except checkpointing.SaveError as e:
+    # Orbax's helper threads of the failed save wait minutes for a directory that will never appear; every earlier
+    # checkpoint is complete on disk, so exit now instead of joining them.
+    logging.flush()
+    print(f"main.py: error: {e}", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
   except (ValueError, FileNotFoundError) as e:
     if FLAGS.verbosity > 0:  # --verbosity=1 shows where it came from
       raise
     sys.exit(f"main.py: error: {e}")
 
 
+def _config_file_error(argv, error):
+  """The one-line error for a --config file that is missing or does not load, listing the configs there are."""
+  import glob  # pylint: disable=g-import-not-at-top
+  path = "?"
+  for i, arg in enumerate(argv):  # the last --config wins, as in absl
+    if arg.startswith(("--config=", "-config=")):
+      path = arg.split("=", 1)[1]
+    elif arg in ("--config", "-config") and i + 1 < len(argv):
+      path = argv[i + 1]
+  path = path.split(":", 1)[0]  # config.py:ARG passes ARG to get_config
+  configs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "[!_]*.py")))
+  known = ", ".join(os.path.relpath(c) for c in configs)
+  if not os.path.isfile(path):
+    return f"main.py: error: config file {path} not found; the configs are: {known}."
+  lines = str(error).strip().splitlines()
+  why = lines[-1].strip() if isinstance(error, flags.Error) else f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return f"main.py: error: config file {path} does not load ({why}); fix it, or use one of: {known}."
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with a mistyped --config.FIELD as one line instead of a traceback."""
+  """absl's flag parsing, with a mistyped --config.FIELD or a missing or broken config file as one line."""
   try:
-    return FLAGS(argv)
+    parsed = FLAGS(argv)
+    getattr(FLAGS.config, "seed", None)  # ml_collections reports a missing config file only when it is first read
+    return parsed
+  except OSError as e:  # the config file is missing or unreadable
+    sys.exit(_config_file_error(argv, e))
   except (AttributeError, KeyError) as e:  # ml_collections' unknown field, with its "Did you mean" hint
+    if "get_config" in str(e):  # the config file defines no get_config()
+      sys.exit(_config_file_error(argv, e))
     text = str(e).replace("\\'", "'")
     name, mean = re.search(r"'([^']+)'", text), re.search(r'Did you mean "([^"]+)"', text)
     sys.exit(f"main.py: error: unknown config field {name.group(1) if name else text!r}"
              f"{f'; did you mean {mean.group(1)!r}?' if mean else '.'} Fix the --config.… flag (the config file "
              "lists every field).")
   except flags.Error as e:
+    if "Error whilst parsing config file" in str(e):  # ml_collections: get_config() raised a TypeError or ValueError
+      sys.exit(_config_file_error(argv, e))
     sys.exit(f"main.py: error: {e}")
+  except Exception as e:  # pylint: disable=broad-except  # anything else is the config file's code failing
+    sys.exit(_config_file_error(argv, e))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from ddpm_jax import fileio
+from ddpm_jax import paths
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written. Training must stop: every step after it would be lost to a preemption."""
 
 
 class Checkpointer:
@@ -14,11 +19,13 @@ class Checkpointer:
 
   Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save leaves
   the previous checkpoint as the latest one. A checkpoint that is complete on disk but unreadable (truncated or
-  corrupted later) is moved aside, never deleted, and the previous one is restored instead.
+  corrupted later) is moved aside, never deleted, and the previous one is restored instead. A save that fails, at
+  once or in Orbax's background thread, raises SaveError at the next `save`, `raise_if_save_failed` or `wait`.
   """
 
   def __init__(self, directory, *, max_to_keep=3, async_save=True):
-    self.directory = os.fspath(directory)
+    self.directory = paths.absolute(directory)  # Orbax refuses relative paths
+    self._unconfirmed_step = None  # the step of an asynchronous save not yet known to have succeeded
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -28,8 +35,34 @@ class Checkpointer:
 
   def save(self, step, state, data_state):
     """Saves a host (NumPy) state, identical on every process, and a JSON-serialisable data position."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)))
+    self.raise_if_save_failed(block=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=ocp.args.JsonSave(data_state)))
+    except Exception as e:  # pylint: disable=broad-except  # whatever Orbax or the filesystem raised
+      raise self._save_error(step, e) from e
+    self._unconfirmed_step = step
+
+  def raise_if_save_failed(self, block=False):
+    """Raises SaveError if the last asynchronous save failed; without block, never waits for one still running.
+
+    Cheap enough to call after every train step, so a broken disk stops the run within a step of Orbax noticing.
+    """
+    if self._unconfirmed_step is None or (not block and self.manager.is_saving_in_progress()):
+      return
+    step, self._unconfirmed_step = self._unconfirmed_step, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step, error):
+    reason = str(error).strip().splitlines()
+    good = [s for s in self.manager.all_steps() if s != step and fileio.isdir(os.path.join(self.directory, str(s)))]
+    last = f"step {max(good)}" if good else "none"
+    return SaveError(f"saving the checkpoint of step {step} to {self.directory} failed ({type(error).__name__}: "
+                     f"{reason[0] if reason else 'no message'}); the last complete checkpoint ({last}) is kept. Fix "
+                     "the cause (disk full? permissions?) and rerun the same command to resume from it.")
 
   def _restore_step(self, step, abstract_state):
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -67,8 +100,8 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def wait(self):
-    """Blocks until an async save has finished writing."""
-    self.manager.wait_until_finished()
+    """Blocks until an async save has finished writing; SaveError if it failed."""
+    self.raise_if_save_failed(block=True)
 
   def close(self):
     self.manager.close()

@@ -14,16 +14,21 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ddpm_jax import config_checks
 from ddpm_jax import images
+from ddpm_jax import paths
+from ddpm_jax import progress
 from ddpm_jax import sampling
 from ddpm_jax.evaluation import fid
+from ddpm_jax.evaluation import inception_weights
 
 BEST_DIR = "best_fid"
 
 
 def best_manager(workdir, create=True):
   options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
-  return ocp.CheckpointManager(os.path.join(workdir, BEST_DIR), options=options, item_names=("params", "info"))
+  return ocp.CheckpointManager(paths.absolute(os.path.join(workdir, BEST_DIR)), options=options,
+                               item_names=("params", "info"))
 
 
 def restore_best(workdir, abstract_params):
@@ -45,9 +50,9 @@ class FidMonitor:
   def __init__(self, config, workdir, model, diffusion):
     t = config.training
     self.num_samples, self.num_steps = t.fid_num_samples, t.get("fid_num_steps", 0) or None
-    if self.num_samples % jax.device_count():
-      raise ValueError(f"training.fid_num_samples {self.num_samples} is not divisible by the {jax.device_count()} "
-                       f"devices; use a multiple of {jax.device_count()}.")
+    config_checks.check_divisible("training.fid_num_samples", self.num_samples, jax.device_count())
+    # Found now, not at the first measurement: a missing Inception file stops the run before it trains.
+    self.weights = config.get("eval", {}).get("inception_weights") or inception_weights.default_weights_path()
     self.config, self.workdir, self.model, self.diffusion = config, workdir, model, diffusion
     self._feature_fn, self._ref = None, None
     self.manager = best_manager(workdir)
@@ -60,9 +65,7 @@ class FidMonitor:
     """Inception's batch → {'pool_3': …} (evaluation/inception.py), loaded at the first measurement."""
     if self._feature_fn is None:
       from ddpm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
-      from ddpm_jax.evaluation import inception_weights  # pylint: disable=g-import-not-at-top
-      weights = self.config.get("eval", {}).get("inception_weights") or inception_weights.default_weights_path()
-      self._feature_fn = inception.make_feature_fn(inception_weights.load_inception_params(weights))
+      self._feature_fn = inception.make_feature_fn(inception_weights.load_inception_params(self.weights))
     return self._feature_fn
 
   def reference(self):
@@ -75,10 +78,12 @@ class FidMonitor:
   def __call__(self, step, ema_params_replicated, writer):
     per_host = self.num_samples // jax.process_count()
     shape = (self.config.data.image_size, self.config.data.image_size, self.config.data.channels)
+    report = progress.Progress(f"FID samples of step {step}", self.num_steps or self.diffusion.num_timesteps,
+                               "chain steps")
     x = sampling.sample_sharded(self.model, ema_params_replicated, self.diffusion, jax.random.fold_in(self.rng, step),
                                 per_host, shape, first_index=jax.process_index() * per_host,
                                 num_steps=self.num_steps, method="ddim" if self.num_steps else "ancestral",
-                                eta=0.0, clip_denoised=self.config.sampling.clip_denoised)
+                                eta=0.0, clip_denoised=self.config.sampling.clip_denoised, progress=report.update)
     features = fid.compute_features(self.feature_fn(), images.to_uint8(jax.device_get(x)),
                                     min(100, per_host))["pool_3"]
     if jax.process_count() > 1:  # every host gets all features, so all agree on the FID and on saving

@@ -11,36 +11,16 @@ import jax
 import numpy as np
 
 from ddpm_jax import checkpointing
+from ddpm_jax import config_checks
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import fid_monitor
 from ddpm_jax import fileio
 from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax.preemption import GracefulStop
+from ddpm_jax import progress
 from ddpm_jax import sampling
 from ddpm_jax import train_step
-
-
-def validate_config(config, model):
-  """One-line errors for settings that cannot run, raised before anything is compiled or written."""
-  devices = jax.device_count()
-  t = config.training
-  if t.batch_size % devices:
-    raise ValueError(f"training.batch_size {t.batch_size} is not divisible by the {devices} devices; "
-                     f"use a multiple of {devices}.")
-  model.check_image_size(config.data.image_size)
-  if config.data.num_threads < 1:
-    raise ValueError(f"data.num_threads must be >= 1, got {config.data.num_threads}.")
-  k = t.steps_per_dispatch
-  if k < 1:
-    raise ValueError(f"training.steps_per_dispatch must be >= 1, got {k}.")
-  for name in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps", "fid_every_steps"):
-    every = t.get(name, 0)
-    if every < 0 or (every and every % k):
-      raise ValueError(f"training.{name} = {every} must be >= 0 and a multiple of training.steps_per_dispatch {k}.")
-  if t.num_train_steps % k:
-    raise ValueError(f"training.num_train_steps {t.num_train_steps} must be a multiple of "
-                     f"training.steps_per_dispatch {k}.")
 
 
 def _every(step, n):
@@ -52,8 +32,9 @@ def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step
   n = config.training.num_grid_samples
   n -= n % jax.local_device_count()
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  report = progress.Progress(f"Sample grid of step {step}", diffusion.num_timesteps, "chain steps")
   x = sampling.sample_sharded(model, ema_params_replicated, diffusion, rng, n, shape,
-                              first_index=jax.process_index() * n)
+                              first_index=jax.process_index() * n, progress=report.update)
   grid = images.make_grid(images.to_uint8(jax.device_get(x)))
   if jax.process_index() == 0:
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
@@ -99,8 +80,8 @@ def train_and_evaluate(config, workdir):
   SIGTERM/SIGINT: finish the current step, save, return. Non-finite loss or gradients: the step is skipped; the
   run stops with an error at the next summary unless training.skip_nonfinite_steps.
   """
+  config_checks.validate(config, "train", jax.device_count())  # before anything is compiled or written
   model = train_step.create_model(config)
-  validate_config(config, model)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, _ = train_step.create_optimizer(config.optim)
   input_pipeline.make_source(config.data)  # a bad data set fails here, before anything is compiled or written
@@ -148,6 +129,7 @@ def train_and_evaluate(config, workdir):
       if run_steps is None:
         run_steps = train_step.compiled_train_steps(p_train_steps, state, chunk, slots, diffusion, train_rng)
       state, metrics = run_steps(state, chunk, slots, diffusion, train_rng)
+      checkpointer.raise_if_save_failed()  # a broken disk stops the run now, not at the next save
       step += k
       pending_metrics.append(metrics)
       report(step)
@@ -177,6 +159,7 @@ def train_and_evaluate(config, workdir):
         logging.warning("Stopped at step %d on request; checkpoint saved. Rerun the same command to resume.", step)
         break
   checkpointer.wait()
+  checkpointer.close()
   if monitor:
     monitor.wait()
   writer.flush()

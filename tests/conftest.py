@@ -28,3 +28,15 @@ def pytest_sessionfinish(session, exitstatus):
     reporter.write_line(f"CI: {len(skipped)} test(s) skipped; on CI every test must run "
                         f"(first: {skipped[0].nodeid}: {skipped[0].longrepr[-1]})", red=True)
     session.exitstatus = 1
+
+
+# main.py on the tiny digits run the command-line tests share: 8×8 digits, a 0.7M-param U-Net, T = 100, batch 8,
+# one CPU device; a checkpoint every 2 steps. Seconds per run once compiled (the compilation cache is shared).
+TINY_FLAGS = ("--config=configs/digits.py", "--config.data.image_size=8", "--config.model.ch_mult=(1,2)",
+              "--config.model.attn_resolutions=(4,)", "--config.diffusion.num_timesteps=100",
+              "--config.training.batch_size=8", "--config.training.log_every_steps=1",
+              "--config.training.checkpoint_every_steps=2", "--config.training.sample_every_steps=0")
+
+
+def one_device_env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")

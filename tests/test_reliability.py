@@ -2,6 +2,8 @@
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,9 @@ import numpy as np
 import pytest
 
 from ddpm_jax import train
+from conftest import TINY_FLAGS, one_device_env
 from test_train import REPO, tiny_config
+import unwritable_checkpoints_worker
 
 
 def _leaves_equal(a, b):
@@ -153,3 +157,56 @@ def test_unwritable_workdir_is_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match="cannot write to workdir .*; choose a writable --workdir"):
     train.train_and_evaluate(tiny_config(), str(tmp_path / "a_file" / "run"))
   assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_checkpoint_directory_made_unwritable_mid_run_stops_the_run_at_the_next_save(tmp_path):
+  repo = tmp_path / "repo"  # a copy of the project, so that the relative workdir lands inside tmp_path
+  shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__"))
+  flags = list(TINY_FLAGS) + ["--config.training.num_train_steps=6", "--workdir=runs/digits"]
+  start = time.time()
+  # main.py as the README runs it (relative workdir), its checkpoint directory made unwritable after step 2's save.
+  out = subprocess.run([sys.executable, "tests/unwritable_checkpoints_worker.py"] + flags, cwd=repo, env=one_device_env(),
+                       capture_output=True, text=True, timeout=600)
+  checkpoints = repo / "runs" / "digits" / "checkpoints"
+  if os.path.isdir(checkpoints):
+    unwritable_checkpoints_worker.make_writable(checkpoints)
+  assert out.returncode == 1, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("main.py: error: saving the checkpoint of step 4 to " + str(checkpoints)), last
+  assert "Operation not permitted" in last or "Permission denied" in last, last
+  assert "the last complete checkpoint (step 2) is kept" in last, last
+  assert "Starting at step 0" in out.stderr and "[6]" not in out.stderr  # stopped at the failed save, not later
+  assert sorted(os.listdir(checkpoints)) == ["2"]
+  # The same command, the disk mended, resumes from the kept checkpoint.
+  resumed = subprocess.run([sys.executable, "main.py"] + flags, cwd=repo, env=one_device_env(), capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Starting at step 2 of 6" in resumed.stderr
+  assert time.time() - start < 400
+
+
+def test_a_save_failing_in_orbax_background_thread_stops_the_run_before_the_next_save(tmp_path, monkeypatch, caplog):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from ddpm_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
+  class Failing:  # an Orbax commit future whose write fails in the background thread
+    def result(self, timeout=None):
+      del timeout
+      raise OSError("injected: disk quota exceeded")
+  original = ocp.handlers.JsonCheckpointHandler.async_save
+
+  async def fail_at_step_20(self, directory, *args, **kwargs):
+    if "/20." in str(directory):
+      return [Failing()]
+    return await original(self, directory, *args, **kwargs)
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", fail_at_step_20)
+  config = tiny_config(num_train_steps=200, checkpoint_every_steps=20)
+  with caplog.at_level("INFO"), pytest.raises(checkpointing.SaveError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"saving the checkpoint of step 20 to {tmp_path / 'checkpoints'} failed (OSError: "
+                            "injected: disk quota exceeded); the last complete checkpoint (none) is kept"), message
+  logged_steps = [int(m) for m in re.findall(r"\[(\d+)\] grad_norm=", caplog.text)]
+  assert 20 <= max(logged_steps) < 40  # noticed by the train loop, before the step-40 save would have
+  assert checkpointing.Checkpointer(tmp_path / "checkpoints").latest_step() is None

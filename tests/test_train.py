@@ -166,11 +166,11 @@ def test_loss_falls_on_digits(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("field,value,msg", [
-    ("training.batch_size", 12, "training.batch_size 12 is not divisible by the 8 devices"),
+    ("training.batch_size", 12, "training.batch_size = 12: not divisible by the 8 devices; use a multiple of 8"),
     ("data.image_size", 9, "image size 9 is not divisible by 2\\^1"),
     ("data.source", "cifar100", "source"),
-    ("training.steps_per_dispatch", 0, "training.steps_per_dispatch must be >= 1"),
-    ("data.num_threads", 0, "data.num_threads must be >= 1"),
+    ("training.steps_per_dispatch", 0, "training.steps_per_dispatch = 0: out of range; use an integer >= 1"),
+    ("data.num_threads", 0, "data.num_threads = 0: out of range; use an integer >= 1"),
 ])
 def test_bad_configs_fail_at_start_with_one_line_errors(tmp_path, field, value, msg):
   config = tiny_config(num_train_steps=2)

