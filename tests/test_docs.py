@@ -109,15 +109,13 @@ def test_the_api_page_example_runs():
   assert re.search(r"loss \d+\.\d+; samples \(4, 16, 16, 1\) in \[-?\d", proc.stdout), proc.stdout
 
 
-def test_the_readme_library_example_runs():
-  """As written, with the one change that makes it CPU-sized: T = 10 instead of 1000 (same calls, same model)."""
+def test_the_readme_library_example_runs_as_written():
   (block,) = python_blocks("README.md")
-  assert 'get_beta_schedule("linear")' in block
-  small = block.replace('get_beta_schedule("linear")', 'get_beta_schedule("linear", num_timesteps=10)')
-  small += "\nassert x0.shape == (4, 32, 32, 3) and bool(jnp.all(jnp.abs(x0) <= 1.0))\nprint('ok')\n"
-  proc = subprocess.run([sys.executable, "-c", small], cwd=REPO, capture_output=True, text=True, timeout=600,
+  proc = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO))
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  shape, lo, hi = re.fullmatch(r"\((\d+), (\d+), (\d+), (\d+)\) (\S+) (\S+)", proc.stdout.strip()).group(1, 5, 6)
+  assert shape == "4" and -1.0 <= float(lo) < float(hi) <= 1.0, proc.stdout
 
 
 def test_every_config_field_is_documented():

@@ -1,0 +1,107 @@
+"""The README's set-up command and every offline command of README.md and docs/ run as written: from a fresh copy of
+the project, with the relative workdirs they print, shortened only by appended --config.* overrides."""
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import one_device_env
+from test_docs import shown_commands
+from test_train import REPO
+
+# Appended to every command: a few steps of a T = 20 chain instead of hundreds of a T = 1000 one; same model.
+SHORT = ("--config.diffusion.num_timesteps=20", "--config.training.steps_per_dispatch=1",
+         "--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=2",
+         "--config.training.log_every_steps=2", "--config.training.sample_every_steps=4",
+         "--config.training.num_grid_samples=4", "--config.training.fid_every_steps=0")
+# Per mode, on top: 8 samples, 4 examples for bits/dim, two sweep points, and reference statistics from a file
+# (computing them from all 1,797 digits is minutes of Inception on a CPU; tests/test_evaluate.py covers that stage).
+MODE_SHORT = dict(
+    train=(),
+    sample=("--config.sampling.num_samples=8", "--config.sampling.batch_size=8"),
+    eval=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.bpd_num_examples=4",
+          "--config.eval.bpd_batch_size=4", "--config.eval.figures_num_examples=2",
+          "--config.eval.ref_stats=runs/ref_stats.npz"),
+    sweep=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.sweep_steps=(5,20)",
+           "--config.eval.ref_stats=runs/ref_stats.npz"),
+)
+
+
+def setup_block():
+  """The commands of README.md's '## Set-up' bash block, one per line, read from README.md itself."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    section = f.read().split("## Set-up", 1)[1]
+  return re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+
+
+def _python_main(command):
+  """The `python main.py …` part of a shell line such as `pip install -e . && python main.py …`, as argv."""
+  part = [p for p in command.split("&&") if p.strip().startswith("python main.py")]
+  assert len(part) == 1, command
+  return [sys.executable] + shlex.split(part[0])[1:]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+  """A fresh copy of the project (what a clone holds), so relative workdirs land in a directory of the test's own."""
+  root = tmp_path_factory.mktemp("clone") / "ddpm-jax"
+  shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info"))
+  return root
+
+
+def _run(project, argv, *more):
+  """Runs argv + SHORT (+ more, which win) from the project root; returns its log."""
+  mode = next((a.split("=", 1)[1] for a in argv if a.startswith("--mode=")), "train")
+  proc = subprocess.run(list(argv) + list(SHORT) + list(MODE_SHORT[mode]) + list(more), cwd=project, env=one_device_env(),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stderr[-4000:]}"
+  return proc.stderr
+
+
+def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_command_runs(project):
+  first, tests = setup_block()
+  assert first.startswith("pip install -e . && python main.py") and "pytest" in tests
+  argv = _python_main(first)
+  assert "--workdir=runs/digits" in argv
+  log = _run(project, argv)
+  workdir = project / "runs" / "digits"
+  assert "Starting at step 0 of 4" in log
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert os.path.getsize(workdir / "samples" / "step_00000004.png") > 0
+  assert glob.glob(str(workdir / "events.out.tfevents.*")) and os.path.isfile(workdir / "config.json")
+
+  # The same command again: it resumes from the latest checkpoint (here with two more steps to train).
+  log = _run(project, argv, "--config.training.num_train_steps=6")
+  assert "Restored checkpoint of step 4" in log and "Starting at step 4 of 6" in log
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
+
+  # Every other digits command the README and docs/ show (the rest need CIFAR-10, gs:// or an accelerator; their
+  # flags are checked by test_docs.py), from the project root with the relative paths printed.
+  np.savez(project / "runs" / "ref_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+  offline = [(path, a) for path, a in shown_commands("python main.py") if "--config=configs/digits.py" in a]
+  modes, ran = set(), {tuple(argv[2:])}  # the set-up command ran above; a command shown twice runs once
+  for path, shown in offline:
+    if tuple(shown) in ran:
+      continue
+    ran.add(tuple(shown))
+    _run(project, [sys.executable, "main.py"] + shown, "--config.training.num_train_steps=6")
+    modes.add(next((a.split("=", 1)[1] for a in shown if a.startswith("--mode=")), "train"))
+    print(f"ran {path}: python {' '.join(shown)}")
+  assert {"train", "sample", "eval", "sweep"} <= modes
+  samples = np.load(glob.glob(str(workdir / "samples" / "step_00000006" / "samples_*.npz"))[0])["arr_0"]
+  assert samples.shape[0] == 8 and samples.dtype == np.uint8
+  assert glob.glob(str(workdir / "eval" / "results_step_00000006.json"))
+  assert glob.glob(str(workdir / "eval" / "sweep_step_00000006.json"))
+
+
+def test_the_converter_help_runs_from_the_project_root(project):
+  proc = subprocess.run([sys.executable, "-m", "ddpm_jax.convert", "--help"], cwd=project, capture_output=True,
+                        text=True, timeout=120)
+  # absl's --help exits with status 1 after printing the flags.
+  assert proc.returncode in (0, 1) and "--input" in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
