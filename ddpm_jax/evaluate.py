@@ -29,6 +29,7 @@ from ddpm_jax import generate
 from ddpm_jax import input_pipeline
 from ddpm_jax import progress as progress_lib
 from ddpm_jax import sampling
+from ddpm_jax.evaluation import digits_quality
 from ddpm_jax.evaluation import fid
 from ddpm_jax.evaluation import inception
 from ddpm_jax.evaluation import inception_weights
@@ -369,6 +370,12 @@ def evaluate(config, workdir):
                                        s["num_samples"], ref_mu, ref_sigma)
       results["fid"] = dict(fid_row, reference=ref_description, inception_weights=weights, samples=sample_dir)
       results["inception_score"] = dict(is_row, inception_weights=weights)
+      if config.data.source == "digits":  # the offline demo: how near the floor, and are the samples readable?
+        results["digits"] = digits_quality.demo_report(
+            generate.load_samples(sample_dir)[:s["num_samples"]], fid_row["value"], feature_fn,
+            s["inception_batch_size"], ref_mu, ref_sigma, seed=config.seed)
+        logging.info("The digits demo against its goals:\n%s",
+                     "\n".join(digits_quality.report_lines(results["digits"])))
     if num_bpd != 0:
       results["bpd"] = dict(summarize_bpd(read_bpd_shards(bpd_dir, num_bpd, s["bpd_batch_size"])), data=bpd_data,
                             timesteps=diffusion.num_timesteps)

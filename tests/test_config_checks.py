@@ -1,12 +1,11 @@
 """config_checks.validate: every field of every config, at 0 and below, either means something or is refused in one
-line naming it; and main.py reports a bad config file or field in seconds, before it writes anything."""
+line naming it; and main.py reports a bad config file or field before it loads TensorFlow or writes anything."""
 import glob
 import importlib
 import os
 import re
 import subprocess
 import sys
-import time
 
 import ml_collections
 import pytest
@@ -162,7 +161,9 @@ def learned(config, **sampling):
      "multiple of 8 such as 8."),
     ("train", dict(training=dict(fid_every_steps=100, fid_num_samples=12)), "training.fid_num_samples = 12: not "
      "divisible"),
-    ("train", dict(training=dict(steps_per_dispatch=3)), "training.num_train_steps = 700: not a multiple of "
+    ("train", dict(training=dict(steps_per_dispatch=3, num_train_steps=700, log_every_steps=99,
+                                 checkpoint_every_steps=99, sample_every_steps=99)),
+     "training.num_train_steps = 700: not a multiple of "
      "training.steps_per_dispatch = 3; use a multiple of 3, such as 699."),
     ("train", dict(training=dict(fid_every_steps=100, fid_num_steps=2000)), "training.fid_num_steps = 2000: more "
      "than the diffusion's T = 1000 steps"),
@@ -178,7 +179,7 @@ def learned(config, **sampling):
     ("train", dict(model=dict(ch=16)), "model.ch × ch_mult gives [16] channels, not divisible by GroupNorm"),
     ("train", dict(data=dict(image_size=10)), "image size 10 is not divisible by 2^2 = 4, which model.ch_mult of 3 "
      "levels needs; change data.image_size or model.ch_mult."),
-    ("train", dict(model=dict(attn_resolutions=(16, 3))), "model.attn_resolutions [3] never occur"),
+    ("train", dict(model=dict(attn_resolutions=(4, 3))), "model.attn_resolutions [3] never occur"),
     ("train", dict(data=dict(source="folder")), "data.path = '': empty, but data.source 'folder' reads it"),
     ("eval", dict(data=dict(source="tfds", name="")), "data.name = '': empty"),
 ])
@@ -269,11 +270,9 @@ def test_validation_imports_no_tensorflow_and_leaves_a_joining_process_backend_a
 # main.py end to end.
 
 def run_main(tmp_path, *flags, config="configs/digits.py"):
-  """(process, seconds) of main.py with a workdir that does not exist yet."""
-  start = time.time()
-  proc = subprocess.run([sys.executable, "main.py", f"--config={config}", f"--workdir={tmp_path / 'run'}", *flags],
+  """main.py's finished process, with a workdir that does not exist yet."""
+  return subprocess.run([sys.executable, "main.py", f"--config={config}", f"--workdir={tmp_path / 'run'}", *flags],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
-  return proc, time.time() - start
 
 
 @pytest.mark.parametrize("config, flags, named", [
@@ -287,13 +286,12 @@ def run_main(tmp_path, *flags, config="configs/digits.py"):
     ("configs/digits.py", ["--mode=sweep", "--config.diffusion.num_timesteps=500"],
      ["eval.sweep_steps", "item 1000: more than the diffusion's T = 500 steps"]),
 ])
-def test_main_refuses_a_bad_config_in_one_line_within_seconds(tmp_path, config, flags, named):
-  proc, seconds = run_main(tmp_path, *flags, config=config)
+def test_main_refuses_a_bad_config_in_one_line_before_writing_anything(tmp_path, config, flags, named):
+  proc = run_main(tmp_path, *flags, config=config)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("main.py: error: ") and all(n in last for n in named), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and len(proc.stderr) < 1000, proc.stderr[-2000:]
-  assert seconds < 5, seconds
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -304,7 +302,7 @@ def test_main_refuses_a_bad_config_in_one_line_within_seconds(tmp_path, config, 
 ])
 def test_main_reports_a_broken_config_file_in_one_line(tmp_path, source, message):
   (tmp_path / "mine.py").write_text(source)
-  proc, _ = run_main(tmp_path, config=str(tmp_path / "mine.py"))
+  proc = run_main(tmp_path, config=str(tmp_path / "mine.py"))
   assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
   assert proc.stderr.startswith(f"main.py: error: config file {tmp_path / 'mine.py'} {message}")
   assert "use one of: configs/celebahq256.py" in proc.stderr

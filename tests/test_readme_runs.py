@@ -1,6 +1,7 @@
 """The README's set-up command and every offline command of README.md and docs/ run as written: from a fresh copy of
 the project, with the relative workdirs they print, shortened only by appended --config.* overrides."""
 import glob
+import json
 import os
 import re
 import shlex
@@ -96,7 +97,10 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
   assert {"train", "sample", "eval", "sweep"} <= modes
   samples = np.load(glob.glob(str(workdir / "samples" / "step_00000006" / "samples_*.npz"))[0])["arr_0"]
   assert samples.shape[0] == 8 and samples.dtype == np.uint8
-  assert glob.glob(str(workdir / "eval" / "results_step_00000006.json"))
+  with open(workdir / "eval" / "results_step_00000006.json", encoding="utf-8") as f:
+    digits = json.load(f)["digits"]  # the demo's own numbers: FID against its floor, and readable samples
+  assert digits["num_samples"] == 8 and 0 <= digits["confident_share"] <= 1 and digits["classifier_accuracy"] > 0.9
+  assert sum(digits["predicted_counts"]) == 8 and digits["floor_fid"] > 0
   assert glob.glob(str(workdir / "eval" / "sweep_step_00000006.json"))
 
 
