@@ -9,6 +9,9 @@ if [ $# -lt 1 ]; then
 fi
 workdir="$1"; shift
 config="${1:-configs/cifar10.py}"; [ $# -gt 0 ] && shift
+# Paths typed relative to where the script was started, not to the project root it moves to (gs://… unchanged).
+case "$workdir" in /*|*://*) ;; *) workdir="$PWD/$workdir" ;; esac
+case "$config" in /*) ;; *) [ -f "$config" ] && config="$PWD/$config" ;; esac
 cd "$(dirname "$0")/.."
 # Let JAX take GPU memory as it needs it, and keep TensorFlow (data, summaries) off the GPUs.
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-true}"

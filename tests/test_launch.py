@@ -31,3 +31,22 @@ def test_tpu_script_refuses_a_missing_workdir():
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 def test_scripts_are_shellcheck_clean():
   subprocess.run(["shellcheck"] + [os.path.join(LAUNCH, s) for s in SCRIPTS], check=True)
+
+
+def test_gpu_script_takes_paths_relative_to_where_it_was_started(tmp_path):
+  """It moves to the project root to run main.py: a relative workdir must still land where the user is."""
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "python").write_text('#!/bin/sh\necho "$PWD" "$@"\n')  # prints what main.py would get
+  (fake / "python").chmod(0o755)
+  (tmp_path / "mine.py").write_text("")
+  out = subprocess.run(["bash", os.path.join(LAUNCH, "gpu_local.sh"), "runs/x", "mine.py", "--config.seed=1"],
+                       cwd=tmp_path, env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"), check=True,
+                       capture_output=True, text=True).stdout.split()
+  assert out[0] == os.path.dirname(LAUNCH)  # main.py runs from the project root…
+  assert out[1:] == ["main.py", f"--config={tmp_path / 'mine.py'}", f"--workdir={tmp_path / 'runs' / 'x'}",
+                     "--config.seed=1"]  # …with the user's paths made absolute
+  gs = subprocess.run(["bash", os.path.join(LAUNCH, "gpu_local.sh"), "gs://b/run"], cwd=tmp_path,
+                      env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"), check=True, capture_output=True,
+                      text=True).stdout.split()
+  assert gs[1:] == ["main.py", "--config=configs/cifar10.py", "--workdir=gs://b/run"]
