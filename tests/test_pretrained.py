@@ -170,4 +170,4 @@ def test_main_samples_from_converted_weights(tmp_path):
   wrong = [sys.executable, "main.py", "--config=configs/digits.py", f"--workdir={tmp_path / 'run2'}", "--mode=sample",
            f"--config.restore_from={tmp_path / 'converted'}"]
   proc = subprocess.run(wrong, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode != 0 and "holds the cifar10 U-Net (32²) but the config is for 16²" in proc.stderr
+  assert proc.returncode != 0 and "holds the cifar10 U-Net (32²) but the config is for 8²" in proc.stderr
