@@ -28,7 +28,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Every field, before anything heavy is imported or anything written: a bad value is one line within a second.
-  from ddpm_jax import config_checks  # pylint: disable=g-import-not-at-top  # JAX only, no TensorFlow
+  # pylint: disable=g-import-not-at-top
+  from configs import cifar10  # every config derives from it: its fields are the defaults
+  from ddpm_jax import config_checks  # JAX only, no TensorFlow
+  # pylint: enable=g-import-not-at-top
+  filled = config_checks.fill_missing(FLAGS.config, cifar10.get_config())
+  if filled:
+    logging.warning("The config lacks %s; using configs/cifar10.py's values.", ", ".join(filled))
   try:
     config_checks.validate(FLAGS.config, FLAGS.mode,
                            lambda: config_checks.device_count_before_joining(FLAGS.coordinator_address))
@@ -43,10 +49,10 @@ def main(argv):
   import tensorflow as tf
   from ddpm_jax import checkpointing
   from ddpm_jax import cluster
-  from ddpm_jax import evaluate
-  from ddpm_jax import generate
-  from ddpm_jax import sampler_sweep
-  from ddpm_jax import train
+  from ddpm_jax.modes import evaluate
+  from ddpm_jax.modes import sample
+  from ddpm_jax.modes import sweep
+  from ddpm_jax.modes import train
   # pylint: enable=g-import-not-at-top
   # TensorFlow is only used for data and summaries: keep it off the accelerators JAX needs.
   tf.config.set_visible_devices([], "GPU")
@@ -59,11 +65,11 @@ def main(argv):
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, workdir)
     elif FLAGS.mode == "sample":
-      logging.info("Samples in %s", generate.sample_to_dir(FLAGS.config, workdir))
+      logging.info("Samples in %s", sample.run(FLAGS.config, workdir))
     elif FLAGS.mode == "eval":
-      evaluate.evaluate(FLAGS.config, workdir)
+      evaluate.run(FLAGS.config, workdir)
     else:
-      sampler_sweep.sweep(FLAGS.config, workdir)
+      sweep.run(FLAGS.config, workdir)
   except checkpointing.SaveError as e:
     # Orbax's helper threads of the failed save wait minutes for a directory that will never appear; every earlier
     # checkpoint is complete on disk, so exit now instead of joining them.

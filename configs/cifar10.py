@@ -74,6 +74,10 @@ def get_config():
   sampling.num_steps = 0  # Reverse steps: 0 = all T (paper); fewer runs an evenly respaced subsequence (improved DDPM).
   sampling.method = "ancestral"  # 'ancestral' (paper's Algorithm 2) or 'ddim' (Song et al. 2021).
   sampling.eta = 0.0  # DDIM noise scale (only for 'ddim'): 0 deterministic, 1 = ancestral with sigma^2 = beta-tilde.
+  # Fast solvers: method 'dpm_solver++' (Lu et al. 2022), 'sde_dpm_solver++' or 'unipc' (Zhao et al. 2023), with
+  # num_steps network calls (10-20 is their range) of this order and timestep spacing (docs/evaluation.md).
+  sampling.order = 2  # 1-3 ('sde_dpm_solver++': 1-2); 2 = DPM-Solver++(2M).
+  sampling.spacing = "auto"  # 'auto' (= 'logsnr'), 'linspace', 'leading', 'trailing' (diffusers'), 'quadratic'.
 
   # --mode=eval (docs/evaluation.md): the paper's Table 1 protocol.
   config.eval = ev = ml_collections.ConfigDict()

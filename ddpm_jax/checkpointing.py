@@ -21,6 +21,7 @@ class Checkpointer:
   the previous checkpoint as the latest one. A checkpoint that is complete on disk but unreadable (truncated or
   corrupted later) is moved aside, never deleted, and the previous one is restored instead. A save that fails, at
   once or in Orbax's background thread, raises SaveError at the next `save`, `raise_if_save_failed` or `wait`.
+  Close it when done (`close`, or use it as a context manager), which releases Orbax's threads.
   """
 
   def __init__(self, directory, *, max_to_keep=3, async_save=True):
@@ -104,7 +105,19 @@ class Checkpointer:
     self.raise_if_save_failed(block=True)
 
   def close(self):
+    """Waits for an async save still running, then stops Orbax's threads."""
     self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      if exc is None:
+        raise
+      # Already failing: that error is the one to report, not a second one from closing.
 
 
 def abstract_like(tree):

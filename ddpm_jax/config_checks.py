@@ -3,8 +3,9 @@
 main.py calls `validate` before it imports TensorFlow or builds anything, so a bad value costs a second and one line,
 "<field> = <value>: <what is wrong>; <what is valid>", instead of a traceback after checkpoints were written. Fields
 an older config lacks are skipped. This module imports JAX but no TensorFlow; the modules whose constants and checks
-it reuses are imported on first use, so any of them may import `check_divisible` from here.
+it reuses are imported on first use, when a rule needs them.
 """
+import copy
 import dataclasses
 import difflib
 import functools
@@ -14,15 +15,12 @@ import types
 from typing import Any, Callable
 
 import jax
+import ml_collections
+import numpy as np
+
+from ddpm_jax import devices
 
 MODES = ("train", "sample", "eval", "sweep")
-
-
-def check_divisible(field, value, num, what="devices"):
-  """Raises the one-line error for a global batch (or sample count) that `num` devices cannot share evenly."""
-  if value % num:
-    raise ValueError(f"{field} = {value}: not divisible by the {num} {what}; use a multiple of {num} such as "
-                     f"{max(num, value - value % num)}.")
 
 
 def device_count_before_joining(coordinator_address=None):
@@ -121,7 +119,7 @@ def sequence(item, *, min_len=0, example=""):
 @functools.cache
 def field_rules():
   """{dotted field: rule} for every field of configs/cifar10.py, from which the other configs derive."""
-  # pylint: disable=g-import-not-at-top  # these may import this module (check_divisible)
+  # pylint: disable=g-import-not-at-top  # imported on first use: validate() runs before anything heavy loads
   from ddpm_jax import diffusion
   from ddpm_jax import input_pipeline
   from ddpm_jax import sampling
@@ -181,6 +179,8 @@ def field_rules():
       "sampling.num_steps": integer(0, meaning="0 = all T"),
       "sampling.method": one_of(sampling.METHODS),
       "sampling.eta": number(0, meaning="0 = deterministic DDIM"),
+      "sampling.order": integer(1),
+      "sampling.spacing": one_of(sampling.SPACINGS),
       "eval.num_samples": integer(0, meaning="0 skips FID and IS"),
       "eval.ref_stats": text(),
       "eval.inception_weights": text(),
@@ -214,6 +214,23 @@ def _fail(field, value, wrong, valid):
   raise ValueError(f"{field} = {value!r}: {wrong}; use {valid}.")
 
 
+def fill_missing(config, defaults):
+  """Adds to `config` every field of `defaults` it lacks (a config written before the field existed); returns their
+  dotted names. The one place defaults enter: the code reads every field from the config, with no fallbacks."""
+  filled = []
+
+  def fill(node, base, prefix):
+    for key, value in base.items():
+      if key not in node:
+        node[key] = copy.deepcopy(value)
+        filled.append(prefix + key)
+      elif isinstance(value, ml_collections.ConfigDict) and isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], value, f"{prefix}{key}.")
+  with config.unlocked():
+    fill(config, defaults, "")
+  return filled
+
+
 def validate(config, mode, num_devices=None):
   """Raises a one-line ValueError about the first field of `config` that a --mode=`mode` run cannot use.
 
@@ -234,7 +251,7 @@ def validate(config, mode, num_devices=None):
   num_devices = num_devices() if callable(num_devices) else num_devices
   if num_devices:
     for field, value in shared:
-      check_divisible(field, value, num_devices)
+      devices.check_divisible(field, value, num_devices)
 
 
 def _check_model_and_diffusion(config):
@@ -271,8 +288,12 @@ def _check_data(data):
 
 def _check_steps(field, num_steps, config, method, eta=0.0, value=None):
   """A chain of num_steps (0 = all T) reverse steps, from `value` (a tuple holding it; None: num_steps itself) of
-  `field`: at most T, and one that `method` can run (sampling.py)."""
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  `field`: at most T, and one that `method` can run (sampling.py, solvers.py)."""
+  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import diffusion
+  from ddpm_jax import sampling
+  from ddpm_jax import solvers
+  # pylint: enable=g-import-not-at-top
   T = config.diffusion.num_timesteps  # pylint: disable=invalid-name
   item = "" if value is None else f"item {num_steps}: "
   value = num_steps if value is None else value
@@ -280,8 +301,19 @@ def _check_steps(field, num_steps, config, method, eta=0.0, value=None):
     _fail(field, value, f"{item}more than the diffusion's T = {T} steps", f"integers from 1 to {T}" if item else
           f"an integer from 0 (all) to {T}")
   chain = types.SimpleNamespace(model_var_type=config.diffusion.model_var_type, num_timesteps=T)
+  s = config.sampling
   try:
-    sampling._check_sampler(chain, num_steps or T, method, eta)  # pylint: disable=protected-access
+    # The sweep runs the chains (ancestral, DDIM) with their own spacing, whatever sampling.spacing says.
+    spacing = s.spacing if method in solvers.METHODS or field != "eval.sweep_steps" else "auto"
+    sampling._check_sampler(chain, num_steps or T, method, eta, s.order, spacing)  # pylint: disable=protected-access
+    if method in solvers.METHODS:
+      if not num_steps:
+        raise ValueError("a solver needs num_steps >= 1 network calls (10-20 is its range), not 0 = all T")
+      d = config.diffusion
+      betas = diffusion.get_beta_schedule(d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
+                                          num_timesteps=T)
+      solvers.solver_timesteps(T, num_steps, "logsnr" if s.spacing == "auto" else s.spacing,
+                               alphas_cumprod=np.cumprod(1.0 - betas))
   except ValueError as e:
     raise ValueError(f"{field} = {value!r}: {item}with sampling method {method!r}, {e}") from None
 
@@ -289,7 +321,7 @@ def _check_steps(field, num_steps, config, method, eta=0.0, value=None):
 # Each mode's own rules; each returns the (field, value) pairs that must be multiples of the device count.
 
 def _check_train(config):
-  """Step counts the compiled call of training.steps_per_dispatch steps can hit (train.py), and the batches."""
+  """Step counts the compiled call of training.steps_per_dispatch steps can hit (modes/train.py), and the batches."""
   t = config.training
   k = t.get("steps_per_dispatch", 1)
   for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",

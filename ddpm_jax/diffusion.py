@@ -4,11 +4,15 @@ Timesteps are 0-indexed everywhere: t ∈ {0, …, T−1}, where index t is the 
 sample after t + 1 noising steps, `betas[0]` is the paper's β_1 and the reverse chain runs t = T−1, …, 0.
 
 Names follow the authors' `diffusion_utils_2.py` so DDPM users recognise them. Per-timestep constants are computed
-in float64 with NumPy and stored as float32 arrays; a `GaussianDiffusion` is a pytree, so it passes through `jit`,
-`pmap` and `lax.scan`. Images are NHWC (any rank ≥ 1 works: reductions are over all non-batch axes).
+in float64 with NumPy and stored as float32 arrays; a `GaussianDiffusion` is a pytree (a flax.struct dataclass),
+so it passes through `jit`, `pmap` and `lax.scan`. Images are NHWC (any rank ≥ 1 works: reductions are over all
+non-batch axes).
 """
+import dataclasses
 import math
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,9 +82,14 @@ def _bcast(a, t, x):
   return a[t].reshape((t.shape[0],) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
-@jax.tree_util.register_pytree_node_class
+# Not frozen (sampling.py retypes a copy's model_mean_type) and compared by identity (eq=False): the sampler tests
+# hash a diffusion as a static jit argument, which field-wise hashing of arrays would refuse.
+@flax.struct.dataclass(frozen=False, eq=False, repr=False)
 class GaussianDiffusion:
   """Forward process q, reverse-process parameterisation p, losses and likelihood of one diffusion.
+
+  Build it as GaussianDiffusion(betas, model_mean_type, model_var_type, loss_type); the per-timestep tables after
+  the `_` marker are computed from the betas (they are fields only so that JAX can rebuild the pytree).
 
   model_mean_type: what the network predicts — 'eps' (ε, the paper), 'xstart' (x0) or 'xprev' (μ̃ directly).
   model_var_type: 'fixedlarge' (σ² = β_t, with t = 0 using β̃_1 like the authors), 'fixedsmall' (σ² = β̃_t),
@@ -90,26 +99,41 @@ class GaussianDiffusion:
     (mse + VLB term with the mean's gradient stopped, scaled by T/1000, for learned variances).
   """
 
-  _ARRAYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-             "one_minus_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-             "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-             "posterior_mean_coef1", "posterior_mean_coef2", "fixedlarge_variance", "fixedlarge_log_variance")
-  _STATIC = ("model_mean_type", "model_var_type", "loss_type")
+  betas: Any
+  model_mean_type: str = flax.struct.field(pytree_node=False, default="eps")
+  model_var_type: str = flax.struct.field(pytree_node=False, default="fixedlarge")
+  loss_type: str = flax.struct.field(pytree_node=False, default="mse")
+  _: dataclasses.KW_ONLY
+  alphas_cumprod: Any = None
+  alphas_cumprod_prev: Any = None
+  sqrt_alphas_cumprod: Any = None
+  one_minus_alphas_cumprod: Any = None
+  sqrt_one_minus_alphas_cumprod: Any = None
+  log_one_minus_alphas_cumprod: Any = None
+  sqrt_recip_alphas_cumprod: Any = None
+  sqrt_recipm1_alphas_cumprod: Any = None
+  posterior_variance: Any = None
+  posterior_log_variance_clipped: Any = None
+  posterior_mean_coef1: Any = None
+  posterior_mean_coef2: Any = None
+  fixedlarge_variance: Any = None
+  fixedlarge_log_variance: Any = None
 
-  def __init__(self, betas, model_mean_type="eps", model_var_type="fixedlarge", loss_type="mse"):
-    for value, allowed, field in ((model_mean_type, MEAN_TYPES, "model_mean_type"),
-                                  (model_var_type, VAR_TYPES, "model_var_type"),
-                                  (loss_type, LOSS_TYPES, "loss_type")):
+  def __post_init__(self):
+    if self.alphas_cumprod is not None or self.betas is None:  # JAX rebuilding a tree (unflatten, tree.map, replace)
+      return
+    for value, allowed, field in ((self.model_mean_type, MEAN_TYPES, "model_mean_type"),
+                                  (self.model_var_type, VAR_TYPES, "model_var_type"),
+                                  (self.loss_type, LOSS_TYPES, "loss_type")):
       if value not in allowed:
         raise ValueError(f"Unknown diffusion.{field} {value!r}; choose one of {allowed}.")
-    if loss_type == "mse" and model_var_type in ("learned", "learned_range"):
+    if self.loss_type == "mse" and self.learns_variance:
       raise ValueError("loss_type='mse' cannot train a learned variance; use loss_type='kl' or 'hybrid'.")
-    if loss_type == "hybrid" and model_var_type not in ("learned", "learned_range"):
+    if self.loss_type == "hybrid" and not self.learns_variance:
       raise ValueError("loss_type='hybrid' needs a learned variance; set model_var_type='learned' or "
                        "'learned_range', or use loss_type='mse'.")
-    self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
 
-    b = np.asarray(betas, dtype=np.float64)
+    b = np.asarray(self.betas, dtype=np.float64)
     if b.ndim != 1 or not (np.all(b > 0) and np.all(b <= 1)):
       raise ValueError("betas must be a 1-D array with values in (0, 1]; build it with get_beta_schedule.")
     ac = np.cumprod(1.0 - b)
@@ -120,14 +144,15 @@ class GaussianDiffusion:
     large_var = np.append(post_var[1], b[1:]) if len(b) > 1 else b
     consts = dict(
         betas=b, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev, sqrt_alphas_cumprod=np.sqrt(ac),
-        one_minus_alphas_cumprod=1.0 - ac, sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac), log_one_minus_alphas_cumprod=np.log(1.0 - ac),
+        one_minus_alphas_cumprod=1.0 - ac, sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+        log_one_minus_alphas_cumprod=np.log(1.0 - ac),
         sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac), sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
         posterior_variance=post_var, posterior_log_variance_clipped=post_logvar,
         posterior_mean_coef1=b * np.sqrt(ac_prev) / (1.0 - ac),
         posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac),
         fixedlarge_variance=large_var, fixedlarge_log_variance=np.log(large_var))
-    for name in self._ARRAYS:
-      setattr(self, name, jnp.asarray(consts[name], dtype=jnp.float32))
+    for name, value in consts.items():
+      setattr(self, name, jnp.asarray(value, dtype=jnp.float32))
 
   @classmethod
   def from_config(cls, diffusion_config):
@@ -136,19 +161,6 @@ class GaussianDiffusion:
     betas = get_beta_schedule(c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
                               num_timesteps=c.num_timesteps)
     return cls(betas, c.model_mean_type, c.model_var_type, c.loss_type)
-
-  # Pytree protocol: arrays are leaves, the three type strings are static.
-  def tree_flatten(self):
-    return tuple(getattr(self, n) for n in self._ARRAYS), tuple(getattr(self, n) for n in self._STATIC)
-
-  @classmethod
-  def tree_unflatten(cls, static, arrays):
-    obj = object.__new__(cls)
-    for name, value in zip(cls._STATIC, static):
-      setattr(obj, name, value)
-    for name, value in zip(cls._ARRAYS, arrays):
-      setattr(obj, name, value)
-    return obj
 
   @property
   def num_timesteps(self):

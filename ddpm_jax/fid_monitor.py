@@ -14,13 +14,17 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ddpm_jax import config_checks
+from ddpm_jax import devices
 from ddpm_jax import images
 from ddpm_jax import paths
 from ddpm_jax import progress
 from ddpm_jax import sampling
+from ddpm_jax import train_step
 from ddpm_jax.evaluation import fid
+from ddpm_jax.evaluation import inception
 from ddpm_jax.evaluation import inception_weights
+from ddpm_jax.evaluation import reference_stats
+from ddpm_jax.sampler import Sampler
 
 BEST_DIR = "best_fid"
 
@@ -49,10 +53,12 @@ class FidMonitor:
 
   def __init__(self, config, workdir, model, diffusion):
     t = config.training
-    self.num_samples, self.num_steps = t.fid_num_samples, t.get("fid_num_steps", 0) or None
-    config_checks.check_divisible("training.fid_num_samples", self.num_samples, jax.device_count())
+    self.num_samples = t.fid_num_samples
+    self.sampler = Sampler(method="ddim" if t.fid_num_steps else "ancestral", num_steps=t.fid_num_steps, eta=0.0,
+                           clip_denoised=config.sampling.clip_denoised)
+    devices.check_divisible("training.fid_num_samples", self.num_samples, jax.device_count())
     # Found now, not at the first measurement: a missing Inception file stops the run before it trains.
-    self.weights = config.get("eval", {}).get("inception_weights") or inception_weights.default_weights_path()
+    self.weights = config.eval.inception_weights or inception_weights.default_weights_path()
     self.config, self.workdir, self.model, self.diffusion = config, workdir, model, diffusion
     self._feature_fn, self._ref = None, None
     self.manager = best_manager(workdir)
@@ -64,26 +70,25 @@ class FidMonitor:
   def feature_fn(self):
     """Inception's batch → {'pool_3': …} (evaluation/inception.py), loaded at the first measurement."""
     if self._feature_fn is None:
-      from ddpm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
       self._feature_fn = inception.make_feature_fn(inception_weights.load_inception_params(self.weights))
     return self._feature_fn
 
   def reference(self):
     if self._ref is None:
-      from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top  # evaluate imports training modules
-      mu, sigma, _ = evaluate.reference_stats(self.config, self.workdir, self.feature_fn())
+      mu, sigma, _ = reference_stats.reference_stats(
+          self.config.data, self.feature_fn(), os.path.join(self.workdir, "eval"),
+          batch_size=self.config.eval.inception_batch_size, stats_file=self.config.eval.ref_stats)
       self._ref = mu, sigma
     return self._ref
 
   def __call__(self, step, ema_params_replicated, writer):
     per_host = self.num_samples // jax.process_count()
-    shape = (self.config.data.image_size, self.config.data.image_size, self.config.data.channels)
-    report = progress.Progress(f"FID samples of step {step}", self.num_steps or self.diffusion.num_timesteps,
+    report = progress.Progress(f"FID samples of step {step}", self.sampler.steps(self.diffusion.num_timesteps),
                                "chain steps")
     x = sampling.sample_sharded(self.model, ema_params_replicated, self.diffusion, jax.random.fold_in(self.rng, step),
-                                per_host, shape, first_index=jax.process_index() * per_host,
-                                num_steps=self.num_steps, method="ddim" if self.num_steps else "ancestral",
-                                eta=0.0, clip_denoised=self.config.sampling.clip_denoised, progress=report.update)
+                                per_host, images.image_shape(self.config.data),
+                                first_index=jax.process_index() * per_host, progress=report.update,
+                                **self.sampler.chain_kwargs())
     features = fid.compute_features(self.feature_fn(), images.to_uint8(jax.device_get(x)),
                                     min(100, per_host))["pool_3"]
     if jax.process_count() > 1:  # every host gets all features, so all agree on the FID and on saving
@@ -95,7 +100,7 @@ class FidMonitor:
                  self.best_fid)
     if value < self.best_fid:
       self.best_fid = value
-      params = jax.device_get(jax.tree.map(lambda a: a.addressable_shards[0].data[0], ema_params_replicated))
+      params = jax.device_get(train_step.unreplicate(ema_params_replicated))
       self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                       info=ocp.args.JsonSave(dict(fid=value, step=step))))
     return value

@@ -6,6 +6,7 @@ half-written file under the final name.
 
 os.path.join and os.path.dirname work on these paths as they are (gs://bucket/a + b → gs://bucket/a/b).
 """
+# Not etils.epath: it has no ram:// (Path("ram://x") raises KeyError), and for gs:// it calls tf.io.gfile anyway.
 import io
 import os
 

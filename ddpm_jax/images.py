@@ -33,3 +33,8 @@ def save_png(path, image, upscale=1):
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   fileio.write_bytes(path, buf.getvalue())  # local, gs:// or ram://
+
+
+def image_shape(data_config):
+  """(H, W, C) of the images config.data describes: what the model sees and the samples are."""
+  return (data_config.image_size, data_config.image_size, data_config.channels)

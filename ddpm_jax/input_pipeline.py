@@ -13,6 +13,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ddpm_jax import devices
+
 SOURCES = ("tfds", "folder", "npz", "digits")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -177,9 +179,7 @@ def _maybe_flip(image, rng):
 
 def create_dataset(data_config, *, seed, global_batch_size, process_index, process_count, source=None):
   """grain.MapDataset whose element s is this host's batch of step s: float32 [B/P, H, W, C] in [-1, 1]."""
-  if global_batch_size % process_count:
-    raise ValueError(f"training.batch_size {global_batch_size} is not divisible by the {process_count} hosts; "
-                     "use a multiple of them.")
+  devices.check_divisible("training.batch_size", global_batch_size, process_count, "hosts")
   source = make_source(data_config) if source is None else source
   if len(source) == 0:
     where = data_config.name if data_config.source == "tfds" else data_config.path
@@ -202,9 +202,7 @@ def batches(data_config, *, seed, global_batch_size, start_step, num_local_devic
   import jax  # pylint: disable=g-import-not-at-top  # keep this module importable without initialising JAX
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size % (process_count * num_local_devices):
-    raise ValueError(f"training.batch_size {global_batch_size} is not divisible by the "
-                     f"{process_count * num_local_devices} devices; use a multiple of them.")
+  devices.check_divisible("training.batch_size", global_batch_size, process_count * num_local_devices)
   ds = create_dataset(data_config, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
                       process_count=process_count)
   it = ds[start_step:].to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))

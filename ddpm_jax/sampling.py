@@ -13,17 +13,23 @@ A chain runs for minutes as one compiled program: progress=fn has it call fn(ste
 its steps (progress.py), leaving the samples unchanged; without it the program has no callback at all.
 """
 import copy
+import dataclasses
 import functools
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import devices
 from ddpm_jax import progress as progress_lib
 from ddpm_jax import respacing
+from ddpm_jax import solvers
 
-METHODS = ("ancestral", "ddim")
+CHAIN_METHODS = ("ancestral", "ddim")  # one step of a (respaced) Markov chain per network call
+METHODS = CHAIN_METHODS + solvers.METHODS  # the fast multistep solvers run in solvers.py
+SPACINGS = ("auto", "even") + solvers.SPACINGS
 
 
 def _per_example_normal(rng, indices, t, shape):
@@ -67,11 +73,24 @@ def ddim_step(diffusion, model_output, x_t, t, noise, *, eta=0.0, clip_denoised=
   return x_prev, pred_xstart
 
 
-def _check_sampler(diffusion, num_kept, method, eta):
+def _check_sampler(diffusion, num_kept, method, eta, order=2, spacing="auto"):
+  """One-line errors for a sampler the chain cannot run (num_kept: its number of network calls)."""
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; choose one of {METHODS}.")
   if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not eta >= 0:
     raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM, 1: ancestral-like), got {eta!r}.")
+  if spacing not in SPACINGS:
+    raise ValueError(f"Unknown timestep spacing {spacing!r}; choose one of {SPACINGS}.")
+  if method in solvers.METHODS:
+    if isinstance(order, bool) or order not in range(1, solvers.MAX_ORDER[method] + 1):
+      raise ValueError(f"order must be 1 to {solvers.MAX_ORDER[method]} for {method!r}, got {order!r}.")
+    if spacing == "even":
+      raise ValueError(f"spacing 'even' is the respaced chains' own; {method!r} takes 'auto' or one of "
+                       f"{solvers.SPACINGS}.")
+    return
+  if spacing not in ("auto", "even"):
+    raise ValueError(f"method {method!r} runs the evenly respaced chain (spacing 'auto' or 'even'); the spacings "
+                     f"{solvers.SPACINGS} are for {solvers.METHODS}.")
   if method == "ancestral" and diffusion.model_var_type == "learned" and num_kept < diffusion.num_timesteps:
     raise ValueError("model_var_type='learned' predicts the variance of one step of the full chain, not of a "
                      "respaced one; use method='ddim', all T steps, or a 'learned_range' model.")
@@ -141,7 +160,8 @@ def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_ini
 
 
 def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, first_index=0,
-                clip_denoised=True, record_every=0, num_steps=None, method="ancestral", eta=1.0, progress=None):
+                clip_denoised=True, record_every=0, num_steps=None, method="ancestral", eta=1.0, order=2,
+                spacing="auto", progress=None):
   """Runs the chain t = start_t, …, 0 and returns x_0 [B, H, W, C] (and, optionally, a trajectory).
 
   model_fn(x_t, t_B) → network output. By default the chain starts from x_T ~ N(0, I) at start_t = T − 1;
@@ -153,13 +173,23 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
   num_steps (None = all T) runs only the respaced timesteps respacing.spaced_timesteps(T, num_steps); start_t must
   then be one of them, and the diffusion must be concrete (closed over, not a jit argument). method is 'ancestral'
   (the paper) or 'ddim' with noise scale eta ≥ 0 (ignored by 'ancestral'). num_steps, method and eta are static.
+  method may also be one of the fast solvers (solvers.py: 'dpm_solver++', 'sde_dpm_solver++', 'unipc') of the
+  given order, over num_steps timesteps of `spacing` ('auto' = 'logsnr'); they start from x_T (no x_init, start_t
+  or record_every) and their randomness follows the same per-example scheme.
 
   progress: None (the default: the program has no callback), or fn(steps_done) called on the host every ~1% of
   the steps run (e.g. progress.Progress(…).update); the samples are the same either way.
   """
   total = diffusion.num_timesteps
+  report = None if progress is None else progress_lib.host_hook(progress)
+  if method in solvers.METHODS:
+    if x_init is not None or start_t is not None or record_every:
+      raise ValueError(f"method {method!r} runs from x_T only; x_init, start_t and record_every are for "
+                       f"{CHAIN_METHODS}.")
+    return _solver_chain(model_fn, diffusion, solver_plan(diffusion, num_steps, method, order, spacing), rng, shape,
+                         first_index=first_index, method=method, clip_denoised=clip_denoised, report=report)
   spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
-  _check_sampler(diffusion, len(timesteps), method, eta)
+  _check_sampler(diffusion, len(timesteps), method, eta, order, spacing)
   if start_t is None:
     num_run = len(timesteps)
   elif not 0 <= start_t < total:
@@ -171,12 +201,45 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
     num_run = int(np.searchsorted(timesteps, start_t)) + 1
   return _chain(model_fn, diffusion, spaced, timesteps, rng, shape, num_run=num_run, x_init=x_init,
                 first_index=first_index, clip_denoised=clip_denoised, record_every=record_every, method=method,
-                eta=float(eta), report=None if progress is None else progress_lib.host_hook(progress))
+                eta=float(eta), report=report)
+
+
+def solver_plan(diffusion, num_steps, method, order, spacing):
+  """The fast solver's plan (solvers.plan) over num_steps timesteps of `spacing`, from the concrete diffusion."""
+  _check_sampler(diffusion, num_steps or 0, method, 0.0, order, spacing)
+  if not num_steps:
+    raise ValueError(f"method {method!r} needs num_steps >= 1 (network calls per sample; 10-20 is its range).")
+  alphas_cumprod = np.asarray(diffusion.alphas_cumprod, np.float64)
+  timesteps = solvers.solver_timesteps(diffusion.num_timesteps, num_steps, "logsnr" if spacing == "auto" else spacing,
+                                       alphas_cumprod=alphas_cumprod)
+  return solvers.plan(diffusion, timesteps, method=method, order=order)
+
+
+def _solver_chain(model_fn, diffusion, plan, rng, shape, *, first_index, method, clip_denoised, report):
+  """A fast solver's chain from x_T, with x_T and the noise of each step keyed per example as in `_chain`."""
+  batch, image_shape = shape[0], tuple(shape[1:])
+  indices = first_index + jnp.arange(batch)
+  x_T = _per_example_normal(rng, indices, diffusion.num_timesteps, image_shape)
+  noise_fn = lambda i: _per_example_normal(rng, indices, jnp.asarray(plan["t"])[i], image_shape)
+  return solvers.run(model_fn, diffusion, x_T, plan, method=method, clip_denoised=clip_denoised, report=report,
+                     noise_fn=noise_fn if method == "sde_dpm_solver++" else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnetApply:
+  model: Any  # Flax modules are hashable dataclasses, so equal models share compiled programs
+
+  def __call__(self, params, x_t, t):
+    return self.model.apply({"params": params}, x_t, t, train=False)
 
 
 def unet_model_fn(model, params):
-  """model_fn(x_t, t) for a Flax U-Net in inference mode (no dropout)."""
-  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
+  """model_fn(x_t, t) of a Flax U-Net in inference mode (no dropout).
+
+  A `jax.tree_util.Partial` whose arguments are the params: passed to a compiled program, they are its inputs,
+  not constants baked into it, so new params of the same model reuse the program (figures.py relies on this).
+  """
+  return jax.tree_util.Partial(_UnetApply(model), params)
 
 
 @functools.partial(jax.pmap, axis_name="batch", static_broadcasted_argnums=(0, 6, 7, 8, 9),
@@ -184,14 +247,19 @@ def unet_model_fn(model, params):
 def _sample_pmapped(model, params, diffusion, spaced, timesteps, rng, per_device_shape, clip_denoised, method, eta,
                     first_index, report_to):
   # report_to: None (no callback in the program) or progress.first_device_only's per-device target ids.
+  # For the fast solvers `spaced` is their plan (solver_plan) and `timesteps` is unused.
   report = None if report_to is None else functools.partial(progress_lib.to_target, report_to)
+  if method in solvers.METHODS:
+    return _solver_chain(unet_model_fn(model, params), diffusion, spaced, rng, per_device_shape,
+                         first_index=first_index, method=method, clip_denoised=clip_denoised, report=report)
   return _chain(unet_model_fn(model, params), diffusion, spaced, timesteps, rng, per_device_shape,
                 num_run=timesteps.shape[0], first_index=first_index, clip_denoised=clip_denoised, method=method,
                 eta=eta, report=report)
 
 
 def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_shape, *, first_index=0,
-                   clip_denoised=True, num_steps=None, method="ancestral", eta=1.0, progress=None):
+                   clip_denoised=True, num_steps=None, method="ancestral", eta=1.0, order=2, spacing="auto",
+                   progress=None):
   """num_samples images [num_samples, H, W, C] from the chain, split over this host's local devices.
 
   params_replicated has a leading local-device axis. Sample i equals sample first_index + i of any other split.
@@ -199,11 +267,13 @@ def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_
   first local device calls progress, and with it this returns once the samples are computed.
   """
   n = jax.local_device_count()
-  if num_samples % n:
-    raise ValueError(f"num_samples {num_samples} is not divisible by the {n} local devices; use a multiple of {n}.")
+  devices.check_divisible("num_samples", num_samples, n, "local devices")
   total = diffusion.num_timesteps
-  spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
-  _check_sampler(diffusion, len(timesteps), method, eta)
+  if method in solvers.METHODS:
+    spaced, timesteps = solver_plan(diffusion, num_steps, method, order, spacing), None
+  else:
+    spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
+    _check_sampler(diffusion, len(timesteps), method, eta, order, spacing)
   per_device = num_samples // n
   starts = first_index + per_device * jnp.arange(n)
   run = functools.partial(_sample_pmapped, model, params_replicated, diffusion, spaced, timesteps, rng,

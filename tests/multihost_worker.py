@@ -9,18 +9,18 @@ import os
 import sys
 import time
 
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+# conftest asks for the test process's 8 devices; this process's 2 are set after it, before JAX starts a backend.
+from conftest import multihost_eval_config, save_params, tiny_config  # pylint: disable=g-import-not-at-top
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 
 from ddpm_jax import cluster  # pylint: disable=g-import-not-at-top
-from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+from ddpm_jax.modes import train  # pylint: disable=g-import-not-at-top
 from ddpm_jax import train_step  # pylint: disable=g-import-not-at-top
-from test_multihost import eval_config, save_params  # pylint: disable=g-import-not-at-top
-from test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
 
 def _delayed(fn, seconds):
@@ -44,7 +44,7 @@ for action in sys.argv[5:]:
     state = train.train_and_evaluate(config, workdir)
     save_params(workdir, steps, pid, state)
   else:
-    from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
-    from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
-    print("results", evaluate.evaluate(eval_config(config, workdir), workdir), flush=True)
-    generate.sample_to_dir(config, workdir)
+    from ddpm_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.modes import sample  # pylint: disable=g-import-not-at-top
+    print("results", evaluate.run(multihost_eval_config(config, workdir), workdir), flush=True)
+    sample.run(config, workdir)

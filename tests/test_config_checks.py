@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from ddpm_jax import config_checks
+from ddpm_jax import devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "[!_]*.py")))
@@ -236,21 +237,30 @@ def test_device_count_is_asked_only_when_every_other_rule_passes():
   config_checks.validate(with_value(get_config("cifar10"), "training.batch_size", 12), "train", None)  # unknown
 
 
-def test_configs_older_than_a_field_still_validate():
-  old = without(get_config("cifar10"), "eval", "restore_from", "model.dtype", "model.remat", "training.fid_every_steps",
-                "training.fid_num_samples", "training.fid_num_steps", "training.steps_per_dispatch",
-                "sampling.checkpoint", "sampling.num_steps", "sampling.method", "sampling.eta",
-                "sampling.clip_denoised", "data.num_threads")
+def test_configs_older_than_a_field_are_filled_from_the_defaults_then_validate():
+  lacking = ("restore_from", "model.dtype", "model.remat", "training.fid_every_steps", "training.fid_num_samples",
+             "training.fid_num_steps", "training.steps_per_dispatch", "sampling.checkpoint", "sampling.num_steps",
+             "sampling.method", "sampling.eta", "sampling.clip_denoised", "data.num_threads")
+  old = without(get_config("digits"), "eval", *lacking)
+  defaults = get_config("cifar10")
+  filled = config_checks.fill_missing(old, defaults)
+  assert sorted(filled) == sorted(lacking + ("eval",))
+  assert old.eval.to_dict() == defaults.eval.to_dict()
+  for field in lacking:
+    group, _, name = field.rpartition(".")
+    assert (old[group] if group else old)[name] == (defaults[group] if group else defaults)[name], field
+  assert old.model.ch == get_config("digits").model.ch  # the config's own values stay
+  assert config_checks.fill_missing(old, defaults) == []
   for mode in config_checks.MODES:
     config_checks.validate(old, mode, DEVICES)
 
 
 def test_check_divisible():
-  config_checks.check_divisible("sampling.batch_size", 16, 8)
+  devices.check_divisible("sampling.batch_size", 16, 8)
   with pytest.raises(ValueError, match=r"^x.n = 20: not divisible by the 8 devices; use a multiple of 8 such as 16\.$"):
-    config_checks.check_divisible("x.n", 20, 8)
+    devices.check_divisible("x.n", 20, 8)
   with pytest.raises(ValueError, match="^x.n = 3: not divisible by the 2 hosts; use a multiple of 2 such as 2.$"):
-    config_checks.check_divisible("x.n", 3, 2, "hosts")
+    devices.check_divisible("x.n", 3, 2, "hosts")
 
 
 def test_validation_imports_no_tensorflow_and_leaves_a_joining_process_backend_alone():

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_trees_equal
 from ddpm_jax import diffusion as dlib
 
 T = 1000
@@ -226,8 +227,24 @@ def test_diffusion_is_a_pytree_through_jit_and_scan():
   assert all(l.dtype == jnp.float32 for l in leaves)
   d2 = jax.tree_util.tree_unflatten(treedef, leaves)
   assert d2.model_var_type == "fixedsmall" and d2.num_timesteps == T
-  f = jax.jit(lambda dd, x: dd.q_sample(x, jnp.array([999]), x))
-  np.testing.assert_allclose(f(d, jnp.ones((1, 2))), d.q_sample(jnp.ones((1, 2)), jnp.array([999]), jnp.ones((1, 2))))
+  # Through jit its tables are arguments, not constants: another diffusion of the same kind reuses the trace and
+  # gets its own result.
+  traces, x = [], jnp.ones((1, 2))
+  def q_sample_at_999(dd, x):
+    traces.append(1)
+    return dd.q_sample(x, jnp.array([999]), x)
+  f = jax.jit(q_sample_at_999)
+  other = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", beta_end=0.05, num_timesteps=T),
+                                 model_var_type="fixedsmall")
+  for dd in (d, other):
+    np.testing.assert_allclose(f(dd, x), dd.q_sample(x, jnp.array([999]), x), rtol=1e-6)
+  assert len(traces) == 1 and not np.allclose(f(d, x), f(other, x))
+  # Through lax.scan as the carry: it comes out as it went in, and every step computed with it.
+  ts = jnp.array([0, 500, 999])
+  carried, xs = jax.lax.scan(lambda dd, t: (dd, dd.q_sample(x, t[None], x)), d, ts)
+  assert_trees_equal(carried, d)
+  assert carried.model_var_type == "fixedsmall"
+  np.testing.assert_allclose(xs, jnp.stack([d.q_sample(x, t[None], x) for t in ts]), rtol=1e-6)
 
 
 # ---- parity with diffusers' DDPMScheduler (PyTorch) ----
@@ -248,7 +265,8 @@ def test_add_noise_matches_diffusers():
   eps = rng.normal(size=x0.shape).astype(np.float32)
   t = np.array([0, 1, 2, 100, 500, 999])
   ours = np.asarray(paper_diffusion().q_sample(jnp.asarray(x0), jnp.asarray(t), jnp.asarray(eps)))
-  # float64 reference from the scheduler's own betas (REFERENCE.md §5): our float32 math must be within 1e-6.
+  # float64 reference from the scheduler's own betas: our float32 math must be within 1e-6
+  # (docs/reference.md, Numerical tolerances).
   ab = np.cumprod(1 - sched.betas.double().numpy())[t][:, None, None, None]
   np.testing.assert_allclose(ours, np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps, atol=1e-6)
   theirs = sched.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()

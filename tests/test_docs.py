@@ -4,37 +4,12 @@ import glob
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 
 import pytest
 
-from test_pretrained import abstract
-from test_pretrained import tf_names
-from test_pretrained import write_tf1_checkpoint
-from test_train import REPO
-
-DOC_FILES = sorted([os.path.join(REPO, "README.md"), os.path.join(REPO, "launch", "README.md")]
-                   + glob.glob(os.path.join(REPO, "docs", "*.md")) + glob.glob(os.path.join(REPO, "configs", "*.py")))
-
-
-def shown_commands(program):
-  """(file, argv) of every `program …` command line in the docs (continuation lines joined, comments dropped)."""
-  found = []
-  for path in DOC_FILES:
-    with open(path, encoding="utf-8") as f:
-      text = re.sub(r"\\\n\s*", " ", f.read())
-    for line in text.splitlines():
-      start = line.find(program)
-      if start < 0:
-        continue
-      command = re.split(r"\s+#|`|\|", line[start:])[0].strip()
-      if "..." in command or "…" in command:  # a schematic, e.g. launch/README.md's table
-        continue
-      found.append((os.path.relpath(path, REPO), shlex.split(command)[len(program.split()):]))
-  return found
-
+from conftest import REPO, abstract, shown_commands, tf_names, write_tf1_checkpoint
 
 MAIN_COMMANDS = shown_commands("python main.py")
 

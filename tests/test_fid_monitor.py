@@ -6,9 +6,10 @@ import numpy as np
 
 from ddpm_jax import checkpointing
 from ddpm_jax import fid_monitor
-from ddpm_jax import generate
-from ddpm_jax import train
-from test_train import tiny_config
+from ddpm_jax import trained_params
+from ddpm_jax.modes import sample as sample_mode
+from ddpm_jax.modes import train
+from conftest import assert_trees_equal, tiny_config
 
 _PROJECTION = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
 
@@ -44,34 +45,32 @@ def test_best_fid_checkpoint_is_kept_across_restarts_and_training_is_unchanged(t
   assert info == dict(fid=3.0, step=4)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   at_4, _ = ckpt._restore_step(4, checkpointing.abstract_like(state))  # pylint: disable=protected-access
-  for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(at_4.ema_params)):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(best, at_4.ema_params)
 
   state_8 = train.train_and_evaluate(_config(8), workdir)  # resumes: 3.5 at step 8 does not beat 3.0 on disk
   assert len(measured) == 4 and fid_monitor.restore_best(workdir, abstract)[1] == dict(fid=3.0, step=4)
   assert sorted(os.listdir(os.path.join(workdir, fid_monitor.BEST_DIR))) == ["4"]
 
   plain = train.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path / "plain"))
-  for a, b in zip(jax.tree.leaves(state_8), jax.tree.leaves(plain)):  # measuring FID never changes training
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(state_8, plain)  # measuring FID never changes training
 
   config = _config(8)
   config.sampling.num_samples, config.sampling.num_steps, config.sampling.checkpoint = 8, 3, "best_fid"
-  assert generate.sample_to_dir(config, workdir).endswith("samples/step_00000004_ancestral3")
+  assert sample_mode.run(config, workdir).endswith("samples/step_00000004_ancestral3")
 
 
 def test_no_best_checkpoint_is_a_one_line_error(tmp_path):
   config = tiny_config()
   config.sampling.checkpoint = "best_fid"
   try:
-    generate.load_ema_params(config, str(tmp_path))
+    trained_params.load(config, str(tmp_path))
   except FileNotFoundError as e:
     assert "no best-FID checkpoint" in str(e) and "training.fid_every_steps > 0" in str(e)
   else:
     raise AssertionError("expected FileNotFoundError")
   config.sampling.checkpoint = "best"
   try:
-    generate.load_ema_params(config, str(tmp_path))
+    trained_params.load(config, str(tmp_path))
   except ValueError as e:
     assert "sampling.checkpoint must be 'latest' or 'best_fid', got 'best'" in str(e)
   else:

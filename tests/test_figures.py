@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import diffusion as dlib
-from ddpm_jax import figures
 from ddpm_jax import images
 from ddpm_jax import sampling
+from ddpm_jax.evaluation import figures
 
 T = 20
 H = 8
@@ -126,9 +126,10 @@ def test_partial_model_fn_passes_params_as_inputs_and_matches_a_closure():
   x = np.stack([_POINT, -_POINT])
   params = [model.init(jax.random.PRNGKey(k), x, jnp.zeros((2,), jnp.int32))["params"] for k in (0, 1)]
   before = figures._bpd_terms._cache_size()  # pylint: disable=protected-access
-  got = [figures.rate_distortion(figures.unet_model_fn(model, p), d, x, jax.random.PRNGKey(0)) for p in params]
+  got = [figures.rate_distortion(sampling.unet_model_fn(model, p), d, x, jax.random.PRNGKey(0)) for p in params]
   assert figures._bpd_terms._cache_size() == before + 1  # pylint: disable=protected-access  # one compile for both
-  want = figures.rate_distortion(sampling.unet_model_fn(model, params[1]), d, x, jax.random.PRNGKey(0))
+  closure = lambda x_t, t: model.apply({"params": params[1]}, x_t, t, train=False)
+  want = figures.rate_distortion(closure, d, x, jax.random.PRNGKey(0))
   np.testing.assert_allclose(got[1]["rate_bpd"], want["rate_bpd"], rtol=1e-5)  # a closure over the same params
   np.testing.assert_allclose(got[1]["distortion_rmse"], want["distortion_rmse"], rtol=1e-5)
   assert np.max(np.abs(got[0]["rate_bpd"] - got[1]["rate_bpd"])) > 1e-3  # the new params were used, not cached ones

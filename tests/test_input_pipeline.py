@@ -237,9 +237,9 @@ def test_bad_inputs_fail_with_one_line_errors(tmp_path, indexed_npz):
   with pytest.raises(ValueError, match="cannot decode image .*broken.png") as e:
     src[0]
   assert "\n" not in str(e.value)
-  _one_line_error(data_config(path=indexed_npz), "training.batch_size 4 is not divisible by the 3 hosts", hosts=3)
+  _one_line_error(data_config(path=indexed_npz), "training.batch_size = 4: not divisible by the 3 hosts", hosts=3)
   _one_line_error(data_config(channels=2, path=indexed_npz), "data.channels must be 1 or 3")
-  with pytest.raises(ValueError, match="training.batch_size 4 is not divisible by the 3 devices") as e:
+  with pytest.raises(ValueError, match="training.batch_size = 4: not divisible by the 3 devices") as e:
     ip.batches(data_config(path=indexed_npz), seed=0, global_batch_size=4, start_step=0, num_local_devices=3,
                process_index=0, process_count=1)  # raised by the call itself, not at the first next()
   assert "\n" not in str(e.value)

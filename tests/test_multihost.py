@@ -10,8 +10,8 @@ import time
 import jax
 import numpy as np
 
-from ddpm_jax import train
-from test_train import max_rel_diff, tiny_config
+from ddpm_jax.modes import train
+from conftest import assert_trees_equal, max_rel_diff, params_file, tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 LATE = 60  # seconds; twice what XLA:CPU gives processes to connect their collectives
@@ -39,36 +39,18 @@ def _wait(procs):
   return outs
 
 
-def eval_config(config, workdir):
-  """FID of 16 samples against fixed statistics in workdir (Inception on every host) and bits/dim of 6 examples."""
-  config.eval.num_samples, config.eval.figures = 16, False
-  config.eval.ref_stats = os.path.join(workdir, "ref_stats.npz")  # the digits' own statistics would cost minutes
-  config.eval.bpd_num_examples, config.eval.bpd_batch_size = 6, 4
-  return config
-
-
 def _leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-def _params_file(workdir, step, pid):
-  return os.path.join(workdir, f"params_step{step}_process{pid}.npz")
-
-
-def save_params(workdir, step, pid, state):
-  """What a worker's train:N leaves for the test: its params at step N."""
-  np.savez(_params_file(workdir, step, pid), **{str(i): x for i, x in enumerate(_leaves(state))})
-
-
 def _params(workdir, step, pid):
-  with np.load(_params_file(workdir, step, pid)) as f:
+  with np.load(params_file(workdir, step, pid)) as f:
     return [f[str(i)] for i in range(len(f.files))]
 
 
 def _cluster_params(workdir, step):
   p0, p1 = _params(workdir, step, 0), _params(workdir, step, 1)
-  for a, b in zip(p0, p1):
-    np.testing.assert_array_equal(a, b)  # both hosts hold the same params
+  assert_trees_equal(p0, p1)  # both hosts hold the same params
   return p0
 
 
@@ -79,8 +61,11 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   reaches the first train step LATE seconds after process 0 (a slow host), beyond XLA:CPU's 30 s to connect.
   """
   from ddpm_jax import diffusion as dlib
-  from ddpm_jax import evaluate
-  from ddpm_jax import generate
+  from ddpm_jax import trained_params
+  from ddpm_jax.evaluation import bpd
+  from ddpm_jax.evaluation import samples
+  from ddpm_jax.modes import sample as sample_mode
+  from ddpm_jax.sampler import Sampler
   from ddpm_jax import input_pipeline
   from ddpm_jax.evaluation import fid
   from ddpm_jax.evaluation import inception
@@ -92,10 +77,12 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   single = {2: _leaves(train.train_and_evaluate(tiny_config(num_train_steps=2), str(one)))}
   config = tiny_config(num_train_steps=4)
   single[4] = _leaves(train.train_and_evaluate(config, str(one)))
-  one_samples = generate.load_samples(generate.sample_to_dir(config, str(one), out_dir=str(tmp_path / "samples")))
-  model, params, _ = generate.load_ema_params(config, str(one))
+  model, params, step = trained_params.load(config, str(one))
+  one_samples = samples.load_samples(sample_mode.write_samples(config, model, params, step,
+                                                               Sampler.from_config(config.sampling),
+                                                               str(tmp_path / "samples")))
   source = input_pipeline.make_source(config.data)
-  want_bpd = evaluate.bits_per_dim(model, flax_replicate(params), dlib.GaussianDiffusion.from_config(config.diffusion),
+  want_bpd = bpd.bits_per_dim(model, flax_replicate(params), dlib.GaussianDiffusion.from_config(config.diffusion),
                                    np.stack([source[i] for i in range(6)]),
                                    jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 4))[1])
   _wait(procs)
@@ -122,7 +109,7 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   cluster_dir = run / "samples" / "step_00000004"
   assert sorted(os.listdir(cluster_dir))[:4] == ["grid.png", "samples_00000_host0.npz", "samples_00000_host1.npz",
                                                  "samples_00001_host0.npz"]
-  two = generate.load_samples(str(cluster_dir))
+  two = samples.load_samples(str(cluster_dir))
   assert two.shape == one_samples.shape == (16, 8, 8, 1)
   assert np.abs(two.astype(int) - one_samples.astype(int)).max() <= 1  # 8 vs 2 devices per batch: float rounding
 
@@ -136,7 +123,7 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   # FID: both hosts ran Inception on their share of the sample shards; process 0's FID is that of all the samples.
   features = fid.compute_features(
       inception.make_feature_fn(inception_weights.load_inception_params(inception_weights.default_weights_path())),
-      [generate.load_samples(str(run / "eval" / "samples_step_00000004"))], 16)
+      [samples.load_samples(str(run / "eval" / "samples_step_00000004"))], 16)
   assert results["fid"]["num_samples"] == 16
   np.testing.assert_allclose(results["fid"]["value"], fid.frechet_distance(
       *fid.stats_from_features(features["pool_3"]), ref_mu, np.eye(fid.FEATURE_DIM)), rtol=1e-5)

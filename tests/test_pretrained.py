@@ -3,53 +3,20 @@ import csv
 import os
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import abstract, diffusers_unet, tf_names, write_tf1_checkpoint
 from ddpm_jax import pretrained
 from ddpm_jax.models import unet
 
-tf = pytest.importorskip("tensorflow")
-TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference_unet_names.tsv")
-
-
-def abstract(model, size):
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-                                           jnp.zeros((1,), jnp.int32)))["params"]
-
-
-def write_tf1_checkpoint(prefix, names_shapes):
-  """A TF1 checkpoint with exactly these variable names, each with an EMA shadow holding other values."""
-  rng = np.random.default_rng(0)
-  values = {}
-  graph = tf.Graph()
-  with graph.as_default():
-    var_list = {}
-    for name, shape in names_shapes:
-      for full in (name, name + pretrained.EMA_SUFFIX):
-        values[full] = rng.normal(size=shape).astype(np.float32)
-        var_list[full] = tf.compat.v1.Variable(values[full], name=full.replace("/", "_"))
-    saver = tf.compat.v1.train.Saver(var_list=var_list)
-    with tf.compat.v1.Session(graph=graph) as sess:
-      sess.run(tf.compat.v1.global_variables_initializer())
-      saver.save(sess, prefix)
-  return values
-
-
-def tf_names(params):
-  """TF names of our params, built independently of the reader (from the reference table's leaf rule)."""
-  out = []
-  for path, leaf in flax.traverse_util.flatten_dict(params).items():
-    tf_leaf = {"kernel": "W", "scale": "gamma", "bias": "beta" if path[-2].startswith("norm") else "b"}[path[-1]]
-    out.append(("model/" + "/".join(path[:-1] + (tf_leaf,)), tuple(leaf.shape)))
-  return out
+pytest.importorskip("tensorflow")  # writes the TF1 checkpoints
+# Every tensor of the CIFAR-10 U-Net: the authors' TF name and shape, the diffusers key and torch shape.
+TSV = os.path.join(os.path.dirname(__file__), "data", "unet_tensor_names.tsv")
 
 
 def test_cifar10_tf_checkpoint_converts_leaf_for_leaf(tmp_path):
-  if not os.path.exists(TSV):
-    pytest.skip(f"{TSV} not found")
   with open(TSV) as f:
     names = [(r["tf_name"], tuple(int(d) for d in r["tf_shape(HWIO/[in,out])"].strip("()").split(",") if d.strip()))
              for r in csv.DictReader(f, delimiter="\t")]
@@ -93,7 +60,6 @@ def test_convert_diffusers_release_then_one_sampling_step_equals_ddpmscheduler(t
   diffusers = pytest.importorskip("diffusers")
   from ddpm_jax import convert
   from ddpm_jax import diffusion as dlib
-  from test_unet_parity import diffusers_unet
   torch.set_num_threads(2)
   pt = diffusers_unet(128, (1, 2, 2, 2), attn_level=1, size=32)  # the released CIFAR-10 architecture
   sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large",

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_trees_equal
 from ddpm_jax import diffusion as dlib
-from ddpm_jax import evaluate
+from ddpm_jax.evaluation import bpd
 from ddpm_jax import progress
 from ddpm_jax import sampling
 from ddpm_jax.models import unet
@@ -99,8 +100,7 @@ def test_sample_loop_with_progress_is_bit_identical_and_reports_in_order(kwargs,
   reported = jax.jit(lambda r: sampling.sample_loop(model_fn, d, r, shape, x_init=x_init, progress=seen.append,
                                                     **kwargs))(rng)
   jax.effects_barrier()
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(reported)):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(plain, reported)
   every = progress.loop_every(num_run)
   assert seen == [num_run - i for i in range(num_run - 1, -1, -1) if i % every == 0]
   assert seen[-1] == num_run
@@ -164,9 +164,9 @@ def test_bits_per_dim_with_progress_is_bit_identical(tiny_unet):
   d = small_diffusion()
   data = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
   rng = jax.random.PRNGKey(4)
-  plain = evaluate.bits_per_dim(model, replicated, d, data, rng, first_index=3)
+  plain = bpd.bits_per_dim(model, replicated, d, data, rng, first_index=3)
   seen = []
-  reported = evaluate.bits_per_dim(model, replicated, d, data, rng, first_index=3, progress=seen.append)
+  reported = bpd.bits_per_dim(model, replicated, d, data, rng, first_index=3, progress=seen.append)
   for k in plain:
     np.testing.assert_array_equal(plain[k], reported[k])
   assert seen == list(range(1, T + 1))

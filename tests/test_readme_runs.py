@@ -12,25 +12,25 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import one_device_env
-from test_docs import shown_commands
-from test_train import REPO
+from conftest import REPO, one_device_env, shown_commands
 
 # Appended to every command: a few steps of a T = 20 chain instead of hundreds of a T = 1000 one; same model.
 SHORT = ("--config.diffusion.num_timesteps=20", "--config.training.steps_per_dispatch=1",
          "--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=2",
          "--config.training.log_every_steps=2", "--config.training.sample_every_steps=4",
          "--config.training.num_grid_samples=4", "--config.training.fid_every_steps=0")
-# Per mode, on top: 8 samples, 4 examples for bits/dim, two sweep points, and reference statistics from a file
-# (computing them from all 1,797 digits is minutes of Inception on a CPU; tests/test_evaluate.py covers that stage).
+# Per mode, on top: 8 samples, Inception passes of 8 images (not 100, 92 of them padding), 4 examples for bits/dim,
+# one sweep point (each point of each sampler compiles its own chain; sweeps on the same workdir share a point's
+# samples), and reference statistics from a file (computing them from all 1,797 digits is minutes of Inception on a
+# CPU; tests/test_evaluate.py covers that stage and tests/test_sampler_sweep.py a sweep of two points).
 MODE_SHORT = dict(
     train=(),
     sample=("--config.sampling.num_samples=8", "--config.sampling.batch_size=8"),
-    eval=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.bpd_num_examples=4",
-          "--config.eval.bpd_batch_size=4", "--config.eval.figures_num_examples=2",
+    eval=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.inception_batch_size=8",
+          "--config.eval.bpd_num_examples=4", "--config.eval.bpd_batch_size=4", "--config.eval.figures_num_examples=2",
           "--config.eval.ref_stats=runs/ref_stats.npz"),
-    sweep=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.sweep_steps=(5,20)",
-           "--config.eval.ref_stats=runs/ref_stats.npz"),
+    sweep=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.inception_batch_size=8",
+           "--config.eval.sweep_steps=(5,)", "--config.eval.ref_stats=runs/ref_stats.npz"),
 )
 
 

@@ -13,15 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import train
-from conftest import TINY_FLAGS, one_device_env
-from test_train import REPO, tiny_config
+from ddpm_jax.modes import train
+from conftest import REPO, TINY_FLAGS, assert_trees_equal, one_device_env, tiny_config
 import unwritable_checkpoints_worker
-
-
-def _leaves_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
 
 
 def test_restart_with_a_different_model_is_refused_and_nothing_is_touched(tmp_path):
@@ -58,7 +52,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, c
   with caplog.at_level("WARNING"):
     resumed = train.train_and_evaluate(tiny_config(num_train_steps=4), str(work))
   assert "step 4" in caplog.text and "falling back to step 2" in caplog.text
-  _leaves_equal(resumed, straight)  # steps 3-4 were retrained exactly
+  assert_trees_equal(resumed, straight)  # steps 3-4 were retrained exactly
   assert glob.glob(str(work / "checkpoints" / "4.unreadable-*"))  # kept for inspection, not deleted
   assert sorted(d for d in os.listdir(work / "checkpoints") if d.isdigit()) == ["2", "4"]
 
@@ -78,13 +72,10 @@ def test_nonfinite_steps_stop_the_run_or_are_skipped(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "main.py", "--config=configs/digits.py", f"--workdir={tmp_path}",
-         "--config.data.image_size=8", "--config.model.ch_mult=(1,2)", "--config.model.attn_resolutions=(4,)",
-         "--config.training.batch_size=8", "--config.training.num_train_steps=100000",
-         "--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=0",
-         "--config.training.sample_every_steps=0"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+  # TINY_FLAGS' run (its compiled step is in the shared cache), with no checkpoint but the one SIGTERM asks for.
+  cmd = [sys.executable, "main.py", *TINY_FLAGS, f"--workdir={tmp_path}", "--config.training.num_train_steps=100000",
+         "--config.training.checkpoint_every_steps=0"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=one_device_env(), stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
   for line in proc.stderr:  # wait until steps are running
     if "loss=" in line or time.time() > deadline:
@@ -100,17 +91,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
 
 
 def test_sampling_errors_are_one_line_and_write_nothing(tmp_path):
-  from ddpm_jax import generate
+  from ddpm_jax.modes import sample as sample_mode
   config = tiny_config()
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*; train first") as e:
-    generate.sample_to_dir(config, str(tmp_path))
+    sample_mode.run(config, str(tmp_path))
   assert "\n" not in str(e.value) and not os.listdir(tmp_path)
   config.sampling.num_samples = 0
   with pytest.raises(ValueError, match="sampling.num_samples must be > 0, got 0"):
-    generate.sample_to_dir(config, str(tmp_path))
+    sample_mode.run(config, str(tmp_path))
   config.sampling.num_samples, config.sampling.batch_size = 8, 12
-  with pytest.raises(ValueError, match="sampling.batch_size 12 is not divisible by the 8 devices"):
-    generate.sample_to_dir(config, str(tmp_path))
+  with pytest.raises(ValueError, match="sampling.batch_size = 12: not divisible by the 8 devices"):
+    sample_mode.run(config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
 

@@ -8,15 +8,17 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ddpm_jax import evaluate
-from ddpm_jax import generate
-from ddpm_jax import sampler_sweep
 from ddpm_jax import sampling
-from ddpm_jax import train
+from ddpm_jax.modes import train
+from ddpm_jax import trained_params
 from ddpm_jax.evaluation import fid
 from ddpm_jax.evaluation import inception
 from ddpm_jax.evaluation import inception_weights
-from test_evaluate import _digits_npz, _npz_config, needs_weights
+from ddpm_jax.evaluation import samples
+from ddpm_jax.modes import evaluate as evaluate_mode
+from ddpm_jax.modes import sweep as sweep_mode
+from ddpm_jax.sampler import Sampler
+from conftest import digits_npz, needs_weights, npz_config
 
 
 @needs_weights
@@ -24,13 +26,13 @@ def test_sweep_measures_every_pair_and_reuses_eval_samples(tmp_path, monkeypatch
   monkeypatch.setenv("DDPM_JAX_CACHE", str(tmp_path / "cache"))
   # Ancestral only, to keep the test short (each pair compiles its own chain); DDIM pairs differ only in config,
   # which test_pair_configs_leave_the_users_config_alone checks.
-  config = _npz_config(tmp_path / "digits.npz", num_samples=16, inception_batch_size=16, bpd_num_examples=0,
+  config = npz_config(tmp_path / "digits.npz", num_samples=16, inception_batch_size=16, bpd_num_examples=0,
                        figures=False, sweep_methods=("ancestral",), sweep_steps=(20, 2))
   config.training.num_train_steps = config.training.checkpoint_every_steps = 20
-  _digits_npz(tmp_path / "digits.npz", 24)
+  digits_npz(tmp_path / "digits.npz", 24)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  rows = sampler_sweep.sweep(config, workdir)
+  rows = sweep_mode.run(config, workdir)
 
   assert [(r["method"], r["steps"], r["eta"]) for r in rows] == [("ancestral", 2, None), ("ancestral", 20, None)]
   eval_dir = os.path.join(workdir, "eval")
@@ -43,9 +45,9 @@ def test_sweep_measures_every_pair_and_reuses_eval_samples(tmp_path, monkeypatch
       inception_weights.load_inception_params(inception_weights.default_weights_path()))
   ref_mu, ref_sigma = fid.load_stats(os.path.join(eval_dir, "ref_stats_digits_all.npz"))
   for r in rows:
-    samples = generate.load_samples(r["samples"])
-    assert samples.shape == (16, 8, 8, 1)
-    mu, sigma = fid.stats_from_features(fid.compute_features(feature_fn, [samples], 16)["pool_3"])
+    drawn = samples.load_samples(r["samples"])
+    assert drawn.shape == (16, 8, 8, 1)
+    mu, sigma = fid.stats_from_features(fid.compute_features(feature_fn, [drawn], 16)["pool_3"])
     assert r["fid"] == pytest.approx(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma), rel=1e-4)
   assert abs(rows[0]["fid"] - rows[1]["fid"]) > 1e-3  # two samplers, two different sets of samples
 
@@ -63,7 +65,7 @@ def test_sweep_measures_every_pair_and_reuses_eval_samples(tmp_path, monkeypatch
   def no_sampling(*args, **kwargs):
     raise AssertionError("a finished pair was sampled again")
   monkeypatch.setattr(sampling, "sample_sharded", no_sampling)
-  again = sampler_sweep.sweep(config, workdir)
+  again = sweep_mode.run(config, workdir)
   assert [r["fid"] for r in again] == [r["fid"] for r in rows]
 
 
@@ -76,22 +78,22 @@ def test_sweep_measures_every_pair_and_reuses_eval_samples(tmp_path, monkeypatch
     ("num_samples", 0, "eval.num_samples must be > 0"),
 ])
 def test_sweep_refuses_bad_settings_before_sampling(tmp_path, field, value, message):
-  config = _npz_config(tmp_path / "digits.npz", **{field: value})
+  config = npz_config(tmp_path / "digits.npz", **{field: value})
   with pytest.raises(ValueError, match=re.escape(message)):
-    sampler_sweep.sweep(config, str(tmp_path / "run"))
+    sweep_mode.run(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")  # nothing was loaded, sampled or written
 
 
 def test_pair_configs_leave_the_users_config_alone(tmp_path):
-  config = _npz_config(tmp_path / "digits.npz", sweep_methods=("ancestral", "ddim"), sweep_steps=(5, 20))
+  config = npz_config(tmp_path / "digits.npz", sweep_methods=("ancestral", "ddim"), sweep_steps=(5, 20))
   config.sampling.eta = 0.5
-  configs = [sampler_sweep.pair_config(config, m, n) for m, n in sampler_sweep.pairs(config)]
+  configs = [sweep_mode.pair_config(config, m, n) for m, n in sweep_mode.pairs(config)]
   assert [(c.sampling.method, c.sampling.num_steps) for c in configs] == [
       ("ancestral", 5), ("ancestral", 0), ("ddim", 5), ("ddim", 20)]
   assert all(c.eval.bpd_num_examples == 0 and not c.eval.figures and c.sampling.eta == 0.5 for c in configs)
   assert config.sampling.method == "ancestral" and config.sampling.num_steps == 0
-  assert evaluate.settings(config)["num_samples"] == 50_000  # untouched default
-  assert [generate.sampler_tag(c) for c in configs] == ["_ancestral5", "", "_ddim5_eta0.5", "_ddim20_eta0.5"]
+  assert config.eval.bpd_num_examples == 64 and config.eval.figures  # untouched
+  assert [Sampler.from_config(c.sampling).tag(c.diffusion.num_timesteps) for c in configs] == ["_ancestral5", "", "_ddim5_eta0.5", "_ddim20_eta0.5"]
 
 
 def test_write_tables_and_figure_for_both_samplers(tmp_path):
@@ -102,7 +104,7 @@ def test_write_tables_and_figure_for_both_samplers(tmp_path):
     np.savez(sample_dir / "samples_00000_host0.npz", arr_0=np.full((5, 8, 8, 1), 40 * k, np.uint8))
     rows.append(dict(method=method, steps=steps, eta=eta, fid=100.0 - k, num_samples=5, samples=str(sample_dir),
                      checkpoint_step=7))
-  sampler_sweep.write(rows, str(tmp_path / "sweep"))
+  sweep_mode.write(rows, str(tmp_path / "sweep"))
   with open(tmp_path / "sweep.csv") as f:
     assert f.read().splitlines() == ["method,eta,steps,fid,num_samples", "ddim,0.0,10,100,5", "ddim,0.0,100,99,5",
                                      "ancestral,,10,98,5"]
@@ -110,14 +112,23 @@ def test_write_tables_and_figure_for_both_samplers(tmp_path):
   assert figure.shape[1] == 1300 and figure.std() > 10  # drawn, not blank
 
 
-def test_a_new_checkpoint_midway_stops_the_sweep(tmp_path, monkeypatch):
-  config = _npz_config(tmp_path / "digits.npz", sweep_methods=("ddim",), sweep_steps=(5, 10))
-  steps = iter([100, 200])  # training saved step 200 while the first pair was being measured
+def test_the_sweep_loads_the_params_once_and_measures_every_pair_on_them(tmp_path, monkeypatch):
+  """A checkpoint written by a training run while the sweep runs cannot mix two steps: the params are loaded once."""
+  config = npz_config(tmp_path / "digits.npz", sweep_methods=("ddim",), sweep_steps=(5, 10))
+  loads, measured = [], []
 
-  def fake_evaluate(pair_config, workdir):
-    del pair_config, workdir
-    return dict(checkpoint_step=next(steps), fid=dict(value=1.0, num_samples=4, samples="unused"))
-  monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
-  with pytest.raises(RuntimeError, match="began on the checkpoint of step 100 and a checkpoint of step 200"):
-    sampler_sweep.sweep(config, str(tmp_path / "run"))
-  assert not os.path.exists(tmp_path / "run")  # no sweep files for a mix of two checkpoints
+  def fake_load(config, workdir):
+    loads.append(workdir)
+    return "model", "params of step 100", 100
+
+  def fake_evaluate_params(pair_config, workdir, model, params, step, weights):
+    measured.append((pair_config.sampling.num_steps, params, step))
+    return dict(checkpoint_step=step, fid=dict(value=1.0, num_samples=4, samples="unused"))
+  monkeypatch.setattr(trained_params, "load", fake_load)
+  monkeypatch.setattr(evaluate_mode, "evaluate_params", fake_evaluate_params)
+  monkeypatch.setattr(inception_weights, "default_weights_path", lambda: "inception.pt")
+  monkeypatch.setattr(sweep_mode, "write", lambda rows, prefix: None)
+  rows = sweep_mode.run(config, str(tmp_path / "run"))
+  assert loads == [str(tmp_path / "run")]
+  assert measured == [(5, "params of step 100", 100), (10, "params of step 100", 100)]
+  assert [r["checkpoint_step"] for r in rows] == [100, 100]

@@ -279,24 +279,25 @@ def test_bad_arguments_raise_one_line_errors():
 
 def test_sample_to_dir_uses_the_configured_sampler(tmp_path):
   """--mode=sample with sampling.num_steps/method/eta/clip_denoised: the chain asked for, in its own directory."""
-  from ddpm_jax import generate
+  from ddpm_jax.evaluation import samples
+  from ddpm_jax.modes import sample as sample_mode
   from ddpm_jax import images
-  from ddpm_jax import train
+  from ddpm_jax.modes import train
   from ddpm_jax import train_step
-  from test_train import tiny_config
+  from conftest import tiny_config
   config = tiny_config(num_train_steps=2)
   state = train.train_and_evaluate(config, str(tmp_path))
   config.sampling.num_samples = 8
   config.sampling.num_steps, config.sampling.method, config.sampling.eta = 5, "ddim", 0.0
   config.sampling.clip_denoised = False
-  out = generate.sample_to_dir(config, str(tmp_path))
+  out = sample_mode.run(config, str(tmp_path))
   assert out.endswith("samples/step_00000002_ddim5_eta0.0")
   model = train_step.create_model(config)
   d = dlib.GaussianDiffusion.from_config(config.diffusion)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
   want = sampling.sample_loop(sampling.unet_model_fn(model, state.ema_params), d, rng, (8, 8, 8, 1), num_steps=5,
                               method="ddim", eta=0.0, clip_denoised=False)
-  got = generate.load_samples(out)
+  got = samples.load_samples(out)
   assert np.abs(got.astype(int) - images.to_uint8(want).astype(int)).max() <= 1  # rounding at .5 may differ
   config.sampling.num_steps, config.sampling.method = 0, "ancestral"
-  assert generate.sample_to_dir(config, str(tmp_path)).endswith("samples/step_00000002")
+  assert sample_mode.run(config, str(tmp_path)).endswith("samples/step_00000002")

@@ -31,7 +31,6 @@ def test_chain_with_exact_eps_returns_the_data_point(var_type):
   point = jnp.linspace(-0.9, 0.9, 16 * 3).reshape(1, 4, 4, 3)
   out = jax.jit(lambda r: sampling.sample_loop(exact_eps_for(d, point), d, r, (5, 4, 4, 3)))(jax.random.PRNGKey(0))
   np.testing.assert_allclose(out, jnp.broadcast_to(point, out.shape), atol=1e-5)
-  # A wrong predictor does not (the test can fail).
   # The ε of another point leads elsewhere (the test can fail).
   bad = sampling.sample_loop(exact_eps_for(d, point * 0.5), d, jax.random.PRNGKey(0), (5, 4, 4, 3))
   assert np.abs(bad - point).max() > 0.3
@@ -100,5 +99,5 @@ def test_pmapped_sampling_on_8_devices_equals_one_device():
   replicated = jax.tree.map(lambda p: jnp.broadcast_to(p, (8,) + p.shape), params)
   many = sampling.sample_sharded(model, replicated, d, rng, 8, (8, 8, 8, 1)[1:])
   np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="not divisible by the 8 local devices"):
+  with pytest.raises(ValueError, match="num_samples = 12: not divisible by the 8 local devices"):
     sampling.sample_sharded(model, replicated, d, rng, 12, (8, 8, 1))

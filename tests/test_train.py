@@ -12,32 +12,10 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from configs import digits
+from conftest import REPO, assert_trees_equal, max_rel_diff, tiny_config
 from ddpm_jax import diffusion as dlib
-from ddpm_jax import train
+from ddpm_jax.modes import train
 from ddpm_jax import train_step
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**training):
-  """Digits at their native 8×8 with a 0.7M-param U-Net: every code path, seconds per run."""
-  c = digits.get_config()
-  c.data.image_size = 8
-  c.model.ch_mult = (1, 2)
-  c.model.attn_resolutions = (4,)
-  c.diffusion.num_timesteps = 100
-  c.optim.warmup_steps = 2
-  c.training.batch_size = 16
-  c.training.log_every_steps = 1
-  c.training.checkpoint_every_steps = 2
-  c.training.sample_every_steps = 0
-  c.training.num_grid_samples = 8
-  c.sampling.num_samples = 16
-  c.sampling.batch_size = 8
-  for k, v in training.items():
-    c.training[k] = v
-  return c
 
 
 def step_parts(config):
@@ -48,16 +26,6 @@ def step_parts(config):
   kw = dict(model=model, diffusion=d, tx=tx, schedule=schedule, ema_decay=config.optim.ema_decay,
             rng=jax.random.PRNGKey(1))
   return state, kw
-
-
-def max_rel_diff(a, b):
-  """‖a − b‖ / ‖b‖ over the whole pytree.
-
-  Whole-tree, not per leaf: Adam's first step is ≈ lr·sign(g), so leaves whose true gradient is 0 (the k bias,
-  which softmax ignores) take ±lr steps on float noise in any two summation orders.
-  """
-  flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])
-  return float(jnp.linalg.norm(flat(a) - flat(b)) / jnp.linalg.norm(flat(b)))
 
 
 def test_pmapped_step_on_8_devices_equals_single_device_step():
@@ -81,25 +49,31 @@ def test_pmapped_step_on_8_devices_equals_single_device_step():
   np.testing.assert_allclose(metrics["grad_norm"][0], ref_metrics["grad_norm"][0], rtol=1e-5)
 
 
-def test_the_ahead_of_time_compiled_step_is_the_pmapped_step_and_is_reused():
-  """What the loop runs: pmapped_train_steps compiled ahead of time gives the same state, bit for bit, and a second
-  request with the same shapes returns the same executable (a second run in a process compiles nothing)."""
+def test_the_loops_compiled_step_takes_the_configured_step_and_is_compiled_once():
+  """What the loop runs: pmapped_train_steps(model, optimizer settings), compiled ahead of time, takes the step of
+  train_steps with an optimizer, schedule and EMA decay made from those settings (the diffusion and rng passed as
+  arguments); the same request again returns the same executable, so a second run in a process compiles nothing."""
   config = tiny_config()
-  config.optim.warmup_steps = 0
-  model = train_step.create_model(config)
-  tx, _ = train_step.create_optimizer(config.optim)
-  state = flax.jax_utils.replicate(train_step.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1)))
-  p_step = train_step.pmapped_train_steps(model, tuple(sorted(config.optim.items())))
+  config.optim.warmup_steps = 0  # a non-zero learning rate at step 0, so params move
+  config.optim.ema_decay = 0.5  # the EMA moves half way: a decay other than the configured one would show
+  state, kw = step_parts(config)
+  items = tuple(sorted(config.optim.items()))
+  p_step = train_step.pmapped_train_steps(kw["model"], items)
+  assert train_step.pmapped_train_steps(kw["model"], items) is p_step
+  replicated = flax.jax_utils.replicate(state)
   args = (np.random.default_rng(0).uniform(-1, 1, (8, 1, 2, 8, 8, 1)).astype(np.float32),
-          np.arange(16).reshape(8, 2), dlib.GaussianDiffusion.from_config(config.diffusion), jax.random.PRNGKey(3))
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # both calls donate their state
-  compiled = train_step.compiled_train_steps(p_step, state, *args)
-  assert train_step.compiled_train_steps(p_step, state, *args) is compiled
-  aot_state, aot_metrics = compiled(copy(state), *args)
-  jit_state, jit_metrics = p_step(copy(state), *args)
-  assert max_rel_diff(aot_state.params, state.params) > 1e-4  # the step did something
-  for a, b in zip(jax.tree.leaves((aot_state, aot_metrics)), jax.tree.leaves((jit_state, jit_metrics))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+          np.arange(16).reshape(8, 2), kw["diffusion"], kw["rng"])
+  compiled = train_step.compiled_train_steps(p_step, replicated, *args)
+  assert train_step.compiled_train_steps(p_step, replicated, *args) is compiled
+  got_state, got_metrics = compiled(jax.tree.map(jnp.copy, replicated), *args)  # donates its state: a copy
+  want_state, want_metrics = jax.pmap(functools.partial(train_step.train_steps, **kw), axis_name="batch")(
+      replicated, *args[:2])
+  got_state, want_state = train_step.unreplicate(got_state), train_step.unreplicate(want_state)
+  assert max_rel_diff(got_state.params, state.params) > 1e-4  # the step did something
+  assert int(got_state.step) == int(want_state.step) == 1
+  for field in ("params", "ema_params", "opt_state"):
+    assert max_rel_diff(getattr(got_state, field), getattr(want_state, field)) <= 1e-6, field
+  assert_trees_equal(got_metrics, want_metrics, rtol=1e-6)
 
 
 def test_the_train_step_module_keeps_tensorflow_out():
@@ -143,8 +117,7 @@ def test_resume_after_stop_is_bit_equal_to_an_uninterrupted_run(tmp_path):
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2"]
   resumed = _run(tiny_config(num_train_steps=4), tmp_path / "resumed")
   assert int(resumed.step) == int(straight.step) == 4
-  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-    np.testing.assert_array_equal(a, b)
+  assert_trees_equal(resumed, straight)
   # And steps 3-4 did train: params moved on from the 2-step state.
   assert max_rel_diff(two.params, straight.params) > 1e-6
 

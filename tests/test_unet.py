@@ -10,7 +10,8 @@ import pytest
 
 from ddpm_jax.models import unet
 
-TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference_unet_names.tsv")
+# Every tensor of the CIFAR-10 U-Net: the authors' TF name and shape, the diffusers key and torch shape.
+TSV = os.path.join(os.path.dirname(__file__), "data", "unet_tensor_names.tsv")
 LEAF = {"W": "kernel", "b": "bias", "gamma": "scale", "beta": "bias"}
 
 
@@ -34,8 +35,6 @@ def test_param_counts_match_the_paper(model, size, expected):
 
 
 def test_every_param_matches_the_authors_tf_variables():
-  if not os.path.exists(TSV):
-    pytest.skip(f"{TSV} not found: run from a checkout with ../shared beside it")
   with open(TSV) as f:
     rows = list(csv.DictReader(f, delimiter="\t"))
   assert len(rows) == 328

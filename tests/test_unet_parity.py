@@ -8,20 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import diffusers_unet
 from ddpm_jax import pretrained
 from ddpm_jax.models import unet
 
 torch = pytest.importorskip("torch", reason="the diffusers cross-checks need torch==2.13.0 (the test extra)")
 diffusers = pytest.importorskip("diffusers", reason="the diffusers cross-checks need diffusers (the test extra)")
-TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference_unet_names.tsv")
+# Every tensor of the CIFAR-10 U-Net: the authors' TF name and shape, the diffusers key and torch shape.
+TSV = os.path.join(os.path.dirname(__file__), "data", "unet_tensor_names.tsv")
 LEAF = {"W": "kernel", "b": "bias", "gamma": "scale", "beta": "bias"}
-
-
-def diffusers_unet(ch, ch_mult, attn_level, size):
-  """diffusers' equivalent of the paper's U-Net (REFERENCE.md §1), attention on level attn_level."""
-  torch.manual_seed(0)
-  kwargs = pretrained.diffusers_unet_kwargs(ch, ch_mult, 2, (size // 2**attn_level,), size)
-  return diffusers.UNet2DModel(**kwargs).eval()
 
 
 def ours_from(model_pt, ours, size):
@@ -44,8 +39,6 @@ def compare(model_pt, ours, params, size, batch):
 
 
 def test_mapping_matches_the_reference_table():
-  if not os.path.exists(TSV):
-    pytest.skip(f"{TSV} not found: run from a checkout with ../shared beside it")
   with open(TSV) as f:
     for row in csv.DictReader(f, delimiter="\t"):
       parts = row["tf_name"].split("/")[1:]

@@ -251,7 +251,7 @@ class UNet(nn.Module):
     return _conv(self.out_ch, "conv_out", init_scale=1e-10, dtype=self.dtype)(h).astype(jnp.float32)
 
 
-# The paper's two model sizes (REFERENCE.md §1).
+# The paper's two model sizes (docs/reference.md, Paper setup).
 UNetCIFAR10 = functools.partial(UNet, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                                 dropout=0.1)
 UNet256 = functools.partial(UNet, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),

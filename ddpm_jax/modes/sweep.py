@@ -1,11 +1,11 @@
 """--mode=sweep: FID against the number of sampling steps, for each sampler (the quality-versus-steps figure).
 
-Each (method, steps) pair of eval.sweep_methods × eval.sweep_steps is one `evaluate.evaluate` run with bits/dim and
-figures off, so the sweep shares eval's sample directories, cached reference statistics and resumption: a rerun
-skips whatever is on disk, and (ancestral, T steps) is --mode=eval's own run of the paper's chain. Every pair decodes
-the same x_T per sample index, so the rows of the sample sheet differ only by the sampler. Process 0 writes, in
-workdir/eval/: sweep_step_N.json and .csv (a row per pair) and sweep_step_N.png (FID against steps, and the first
-samples of every pair).
+The EMA params are loaded once; each (method, steps) pair of eval.sweep_methods × eval.sweep_steps is then --mode=eval
+on them with bits/dim and figures off, so the sweep shares eval's sample directories, cached reference statistics
+and resumption: a rerun skips whatever is on disk, and (ancestral, T steps) is --mode=eval's own run of the paper's
+chain. Every pair decodes the same x_T per sample index, so the rows of the sample sheet differ only by the sampler.
+Process 0 writes, in workdir/eval/: sweep_step_N.json and .csv (a row per pair) and sweep_step_N.png (FID against
+steps, and the first samples of every pair).
 """
 import copy
 import json
@@ -13,27 +13,29 @@ import os
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
-from ddpm_jax import evaluate
-from ddpm_jax import figures
 from ddpm_jax import fileio
-from ddpm_jax import generate
 from ddpm_jax import images
 from ddpm_jax import sampling
+from ddpm_jax import solvers
+from ddpm_jax import trained_params
+from ddpm_jax.evaluation import figures
+from ddpm_jax.evaluation import inception_weights
+from ddpm_jax.evaluation import samples
+from ddpm_jax.modes import evaluate
 
 NUM_SHOWN = 8  # Samples per pair on the sheet.
 
 
 def pairs(config):
   """[(method, steps)] of the sweep, checked up front so that a typo fails before hours of sampling."""
-  s = evaluate.settings(config)
+  ev = config.eval
   T = config.diffusion.num_timesteps
-  methods, steps = tuple(s["sweep_methods"]), tuple(s["sweep_steps"])
+  methods, steps = tuple(ev.sweep_methods), tuple(ev.sweep_steps)
   if not methods or not steps:
     raise ValueError("eval.sweep_methods and eval.sweep_steps must each name at least one value.")
-  if s["num_samples"] <= 0:
+  if ev.num_samples <= 0:
     raise ValueError("eval.num_samples must be > 0 for a sweep (FID needs samples).")
   for method in methods:
     if method not in sampling.METHODS:
@@ -47,10 +49,9 @@ def pairs(config):
 def pair_config(config, method, steps):
   """config for one pair: FID only; all T ancestral steps is the paper's chain (num_steps 0, eval's directory)."""
   c = copy.deepcopy(config)
-  c.unlock()
-  if "eval" not in c:  # a config from before --mode=eval: evaluate's defaults apply
-    c.eval = ml_collections.ConfigDict()
   c.sampling.method = method
+  if method not in solvers.METHODS:
+    c.sampling.spacing = "auto"  # sampling.spacing is the solvers'; the chains respace evenly
   c.sampling.num_steps = 0 if (method == "ancestral" and steps == config.diffusion.num_timesteps) else steps
   c.eval.bpd_num_examples = 0
   c.eval.figures = False
@@ -58,20 +59,18 @@ def pair_config(config, method, steps):
 
 
 def _label(method, eta):
-  return "ancestral" if method == "ancestral" else f"DDIM, η = {eta:g}"
+  return f"DDIM, η = {eta:g}" if method == "ddim" else method
 
 
-def sweep(config, workdir):
+def run(config, workdir):
   """Runs every pair (on every process) and returns the rows [{method, steps, eta, fid, num_samples, samples}]."""
   todo = pairs(config)
+  weights = config.eval.inception_weights or inception_weights.default_weights_path()
+  model, params, step = trained_params.load(config, workdir)
   rows = []
   for k, (method, steps) in enumerate(todo):
     logging.info("Sweep %d/%d: %s with %d steps", k + 1, len(todo), method, steps)
-    results = evaluate.evaluate(pair_config(config, method, steps), workdir)
-    if rows and results["checkpoint_step"] != rows[0]["checkpoint_step"]:
-      raise RuntimeError(f"the sweep began on the checkpoint of step {rows[0]['checkpoint_step']} and a checkpoint "
-                         f"of step {results['checkpoint_step']} appeared meanwhile; rerun it when training has "
-                         "stopped (finished pairs are kept).")
+    results = evaluate.evaluate_params(pair_config(config, method, steps), workdir, model, params, step, weights)
     rows.append(dict(method=method, steps=steps, eta=config.sampling.eta if method == "ddim" else None,
                      fid=results["fid"]["value"], num_samples=results["fid"]["num_samples"],
                      samples=results["fid"]["samples"], checkpoint_step=results["checkpoint_step"]))
@@ -87,7 +86,7 @@ def write(rows, path_prefix):
   figures.write_csv(path_prefix + ".csv", ("method", "eta", "steps", "fid", "num_samples"),
                     [(r["method"], "" if r["eta"] is None else r["eta"], r["steps"], f"{r['fid']:.6g}",
                       r["num_samples"]) for r in rows])
-  shown = [generate.load_samples(r["samples"])[:NUM_SHOWN] for r in rows]
+  shown = [samples.load_samples(r["samples"])[:NUM_SHOWN] for r in rows]
   if figures.save_plot(path_prefix + ".png", lambda: plot(rows, shown)) is not None:
     logging.info("Quality against steps in %s.{png,csv,json}", path_prefix)
 

@@ -5,7 +5,7 @@ use the paper's t. Every function takes model_fn(x_t, t_B) → network output an
 
 model_fn may be a plain closure (its arrays are then baked into each compiled program as constants, fine for small
 models) or a `jax.tree_util.Partial` whose arguments are the arrays, which are then passed to the compiled programs
-as inputs; `unet_model_fn` builds that for a Flax U-Net. Everything runs on one device: call it from process 0.
+as inputs; `sampling.unet_model_fn` builds that for a Flax U-Net. Everything runs on one device: call it from process 0.
 """
 import csv
 import dataclasses
@@ -13,7 +13,7 @@ import functools
 import io
 import logging
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 from ddpm_jax import fileio
 from ddpm_jax import images as images_lib
 from ddpm_jax import sampling
+from ddpm_jax.evaluation import bpd
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -30,19 +31,6 @@ from ddpm_jax import sampling
 @dataclasses.dataclass(frozen=True)
 class _Static:
   fn: Callable  # hashed and compared by identity for closures: each new closure compiles anew
-
-
-@dataclasses.dataclass(frozen=True)
-class _UnetApply:
-  model: Any  # Flax modules are hashable dataclasses, so equal models share compiled programs
-
-  def __call__(self, params, x_t, t):
-    return self.model.apply({"params": params}, x_t, t, train=False)
-
-
-def unet_model_fn(model, params):
-  """model_fn of a Flax U-Net whose params enter the compiled programs as inputs, not as constants."""
-  return jax.tree_util.Partial(_UnetApply(model), params)
 
 
 def _split_model(model_fn):
@@ -61,13 +49,9 @@ def _join_model(model_def, leaves):
 
 @functools.partial(jax.jit, static_argnames=("model_def", "clip_denoised"))
 def _bpd_terms(model_def, model_leaves, diffusion, x_start, rng, indices, clip_denoised):
-  model_fn = _join_model(model_def, model_leaves)
-
-  def one(x, i):
-    # One bound per example with its own key, as evaluate.bits_per_dim: results do not depend on batching.
-    out = diffusion.calc_bpd_loop(model_fn, x[None], jax.random.fold_in(rng, i), clip_denoised)
-    return out["terms_bpd"][0], out["prior_bpd"][0], out["mse_bt"][0]
-  return jax.vmap(one)(x_start, indices)
+  # One bound per example with its own key, as bits/dim's: results do not depend on batching.
+  out = bpd.per_example_bound(_join_model(model_def, model_leaves), diffusion, x_start, rng, indices, clip_denoised)
+  return out["terms_bpd"], out["prior_bpd"], out["mse_bt"]
 
 
 def rate_distortion(model_fn, diffusion, x_start, rng, *, batch_size=None, first_index=0, clip_denoised=True):
@@ -79,7 +63,7 @@ def rate_distortion(model_fn, diffusion, x_start, rng, *, batch_size=None, first
     distortion = RMSE on the [0, 255] scale between x_0 and x̂_0(x_t), x_t ~ q(x_t | x_0): 127.5 · √(mean mse_bt),
       the root of the squared error averaged over examples and dimensions.
   The rate is averaged over examples. Example i draws its noise from fold_in(rng, first_index + i), as
-  evaluate.bits_per_dim does; batch_size bounds how many examples are run at once (one compile, last batch padded).
+  bpd.bits_per_dim does; batch_size bounds how many examples are run at once (one compile, last batch padded).
 
   Returns numpy arrays of length T ordered by reverse step (entry i is t = T − 1 − i): t (0-indexed), rate_bpd,
   distortion_rmse; and the means prior_bpd, decoder_bpd, total_bpd, and num_examples.

@@ -1,0 +1,59 @@
+"""The sampler a run uses, as one frozen value built from config.sampling: method, steps, η, order, spacing and
+clipping.
+
+Every driver (sample, eval, sweep, the FID monitor) and every evaluation function takes a `Sampler` instead of
+reading config.sampling itself, so the settings, their check and the directory tag that keeps the outputs of
+different samplers apart are written once. It is hashable, so it can be a static argument of compiled programs.
+"""
+import dataclasses
+import numbers
+
+from ddpm_jax import sampling
+from ddpm_jax import solvers
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  # sampling.METHODS: 'ancestral' (the paper's Algorithm 2), 'ddim', or a fast solver ('dpm_solver++',
+  # 'sde_dpm_solver++', 'unipc'; solvers.py).
+  method: str = "ancestral"
+  num_steps: int = 0  # network calls per sample; 0 = all T (the paper's chain; not for the solvers)
+  eta: float = 0.0  # DDIM's noise scale (DDIM only)
+  clip_denoised: bool = True  # clip the predicted x̂_0 to [-1, 1] at every step (as the authors do)
+  order: int = 2  # the solvers' order (1-3; 'sde_dpm_solver++' 1-2)
+  spacing: str = "auto"  # the solvers' timesteps (solvers.SPACINGS; 'auto' = 'logsnr'); the chains respace evenly
+
+  def __post_init__(self):
+    if self.method not in sampling.METHODS:
+      raise ValueError(f"sampling.method = {self.method!r}: unknown; choose one of {sampling.METHODS}.")
+    if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, numbers.Integral) or self.num_steps < 0:
+      raise ValueError(f"sampling.num_steps = {self.num_steps!r}: must be an integer >= 0 (0 = all T steps).")
+
+  @property
+  def is_solver(self):
+    return self.method in solvers.METHODS
+
+  @classmethod
+  def from_config(cls, sampling_config):
+    s = sampling_config
+    return cls(method=s.method, num_steps=int(s.num_steps), eta=float(s.eta), clip_denoised=bool(s.clip_denoised),
+               order=int(s.order), spacing=s.spacing)
+
+  def steps(self, num_timesteps):
+    """Network evaluations per sample: T unless respaced."""
+    return self.num_steps or num_timesteps
+
+  def tag(self, num_timesteps):
+    """'' for the paper's chain, else e.g. '_ddim50_eta0.0': outputs of different samplers never share a directory."""
+    if self.method == "ancestral" and not self.num_steps:
+      return ""
+    if self.is_solver:  # e.g. '_dpm_solver++2_20_logsnr'
+      return f"_{self.method}{self.order}_{self.num_steps}_{'logsnr' if self.spacing == 'auto' else self.spacing}"
+    return f"_{self.method}{self.steps(num_timesteps)}" + (f"_eta{self.eta}" if self.method == "ddim" else "")
+
+  def chain_kwargs(self):
+    """The sampler arguments of sampling.sample_loop and sampling.sample_sharded."""
+    kwargs = dict(clip_denoised=self.clip_denoised, num_steps=self.num_steps or None, method=self.method, eta=self.eta)
+    if self.is_solver:
+      kwargs.update(order=self.order, spacing=self.spacing)
+    return kwargs
