@@ -3,6 +3,7 @@
 Our parameter paths are the authors' TF scopes (`down_1/block_0/conv1/kernel`); `diffusers_key` gives the
 diffusers name of each (`down_blocks.1.resnets.0.conv1.weight`; the up path is numbered from the bottom, so our
 `up_l` is diffusers' `up_blocks.{L−1−l}`). Files are read with safetensors into NumPy: a pickle is never loaded.
+`params_to_diffusers` goes the other way, so that our trained weights run in diffusers' pipelines and schedulers.
 """
 import os
 
@@ -84,6 +85,33 @@ def params_from_diffusers(state, abstract_params, num_levels):
     raise ValueError(f"the checkpoint has {len(keys)} tensors our U-Net does not use, e.g. {sorted(keys)[0]!r}; "
                      "check the model configuration.")
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def _to_torch_layout(array, key):
+  """Ours (HWIO conv, [in, out] dense) in torch's layout: the inverse of _to_flax_layout for the diffusers key."""
+  if array.ndim == 4:
+    return np.transpose(array, (3, 2, 0, 1))
+  if array.ndim == 2 and ".conv_shortcut." in key:  # a dense layer here, a 1×1 conv in diffusers
+    return array.T[:, :, None, None]
+  if array.ndim == 2:
+    return array.T
+  return array
+
+
+def params_to_diffusers(params, num_levels):
+  """A diffusers UNet2DModel state dict (name → float32 NumPy array, torch layout) of our params tree.
+
+  The inverse of params_from_diffusers: `UNet2DModel(**diffusers_unet_kwargs(…)).load_state_dict(
+  {k: torch.from_numpy(v) for k, v in state.items()}, strict=True)` runs our trained weights in diffusers.
+  """
+  state = {}
+  for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
+    key = diffusers_key(path, num_levels)
+    if key in state:  # two of our tensors on one name: the mapping is not one-to-one for this tree
+      raise ValueError(f"{'/'.join(path)} maps to {key!r}, which another tensor already took; is num_levels "
+                       f"({num_levels}) the model's len(ch_mult)?")
+    state[key] = np.array(_to_torch_layout(np.asarray(leaf, np.float32), key), dtype=np.float32, order="C")
+  return state
 
 
 def diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, image_size, dropout=0.0):
