@@ -312,7 +312,7 @@ def _check_steps(field, num_steps, config, method, eta=0.0, value=None):
       d = config.diffusion
       betas = diffusion.get_beta_schedule(d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
                                           num_timesteps=T)
-      solvers.solver_timesteps(T, num_steps, "logsnr" if s.spacing == "auto" else s.spacing,
+      solvers.solver_timesteps(T, num_steps, solvers.spacing_of(s.spacing),
                                alphas_cumprod=np.cumprod(1.0 - betas))
   except ValueError as e:
     raise ValueError(f"{field} = {value!r}: {item}with sampling method {method!r}, {e}") from None

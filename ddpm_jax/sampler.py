@@ -48,7 +48,7 @@ class Sampler:
     if self.method == "ancestral" and not self.num_steps:
       return ""
     if self.is_solver:  # e.g. '_dpm_solver++2_20_logsnr'
-      return f"_{self.method}{self.order}_{self.num_steps}_{'logsnr' if self.spacing == 'auto' else self.spacing}"
+      return f"_{self.method}{self.order}_{self.num_steps}_{solvers.spacing_of(self.spacing)}"
     return f"_{self.method}{self.steps(num_timesteps)}" + (f"_eta{self.eta}" if self.method == "ddim" else "")
 
   def chain_kwargs(self):

@@ -210,7 +210,7 @@ def solver_plan(diffusion, num_steps, method, order, spacing):
   if not num_steps:
     raise ValueError(f"method {method!r} needs num_steps >= 1 (network calls per sample; 10-20 is its range).")
   alphas_cumprod = np.asarray(diffusion.alphas_cumprod, np.float64)
-  timesteps = solvers.solver_timesteps(diffusion.num_timesteps, num_steps, "logsnr" if spacing == "auto" else spacing,
+  timesteps = solvers.solver_timesteps(diffusion.num_timesteps, num_steps, solvers.spacing_of(spacing),
                                        alphas_cumprod=alphas_cumprod)
   return solvers.plan(diffusion, timesteps, method=method, order=order)
 

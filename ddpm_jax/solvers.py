@@ -30,6 +30,11 @@ MAX_ORDER = {"dpm_solver++": 3, "sde_dpm_solver++": 2, "unipc": 3}
 SPACINGS = ("linspace", "leading", "trailing", "quadratic", "logsnr")
 
 
+def spacing_of(spacing):
+  """The spacing config.sampling.spacing names: 'auto' is 'logsnr', the one DPM-Solver recommends."""
+  return "logsnr" if spacing == "auto" else spacing
+
+
 def solver_timesteps(num_timesteps, num_steps, spacing, *, alphas_cumprod=None):
   """The timesteps t_0 > … > t_{n−1} a solver evaluates the network at: descending int32 [num_steps] (static).
 
