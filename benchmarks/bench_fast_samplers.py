@@ -176,7 +176,7 @@ class Scorer:
 
   def __call__(self, samples_u8):
     feats = fid.compute_features(self.feature_fn, [samples_u8], self.batch_size)["pool_3"]
-    return fid.frechet_distance(*fid.stats_from_features(feats), self.mu, self.sigma)
+    return fid.fid_from_features(feats, self.mu, self.sigma)
 
 
 class Cache:

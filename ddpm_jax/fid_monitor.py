@@ -93,8 +93,7 @@ class FidMonitor:
                                     min(100, per_host))["pool_3"]
     if jax.process_count() > 1:  # every host gets all features, so all agree on the FID and on saving
       features = np.asarray(multihost_utils.process_allgather(features)).reshape(-1, features.shape[-1])
-    mu, sigma = fid.stats_from_features(features)
-    value = fid.frechet_distance(mu, sigma, *self.reference())
+    value = fid.fid_from_features(features, *self.reference())
     writer.write_scalars(step, {"fid": value})
     logging.info("Step %d: FID %.3f of %d EMA samples (best so far %.3f)", step, value, self.num_samples,
                  self.best_fid)

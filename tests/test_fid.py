@@ -36,6 +36,24 @@ def test_fid_matches_scipy_reference():
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-9)
 
 
+def test_fid_from_features_equals_the_fid_of_their_statistics():
+  # Few samples take the N×N route: against the D×D eigendecompositions of frechet_distance (scipy's sqrtm is not
+  # accurate enough on a singular Σ1 to judge); from N = D on, the D×D route itself (against scipy once Σ1 is regular).
+  rng = np.random.default_rng(4)
+  d = 64
+  mu2, s2 = rng.normal(size=d) + 0.3, _random_cov(rng, d, 4 * d)
+  for n in (2, 10, 63, 64, 200):
+    features = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / 8 + 0.1
+    got = fid.fid_from_features(features, mu2, s2)
+    mu1, s1 = fid.stats_from_features(features)
+    want = fid.frechet_distance(mu1, s1, mu2, s2) if n <= d else _scipy_fid(mu1, s1, mu2, s2)
+    assert want > 1.0 and got == pytest.approx(want, rel=1e-7), n
+  with pytest.raises(ValueError, match="N >= 2"):
+    fid.fid_from_features(np.zeros((1, d)), mu2, s2)
+  with pytest.raises(ValueError, match="shape mismatch"):
+    fid.fid_from_features(np.zeros((4, d)), mu2[:-1], s2)
+
+
 def test_fid_closed_form_for_commuting_covariances():
   rng = np.random.default_rng(2)
   d = 32

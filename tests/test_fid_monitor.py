@@ -35,11 +35,11 @@ def test_best_fid_checkpoint_is_kept_across_restarts_and_training_is_unchanged(t
   def scripted_fid(*args):
     measured.append(args)
     return next(fids)
-  monkeypatch.setattr(fid_monitor.fid, "frechet_distance", scripted_fid)
+  monkeypatch.setattr(fid_monitor.fid, "fid_from_features", scripted_fid)
 
   workdir = str(tmp_path / "run")
   state = train.train_and_evaluate(_config(6), workdir)
-  assert len(measured) == 3 and all(np.all(np.isfinite(a[0])) for a in measured)  # the samples' real statistics
+  assert len(measured) == 3 and all(np.all(np.isfinite(a[0])) for a in measured)  # the samples' real features
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.ema_params)
   best, info = fid_monitor.restore_best(workdir, abstract)
   assert info == dict(fid=3.0, step=4)

@@ -13,6 +13,8 @@ model also extrapolates: about half of all uniform-noise images get a confident 
 share beside FID and beside the same share of real digits at the model's resolution (--mode=eval prints all three
 for a digits config: demo_report), not alone.
 """
+import functools
+
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -63,6 +65,7 @@ def to_features(images_uint8):
   return images.reshape(len(images), SIDE * SIDE).astype(np.float64) / 255.0
 
 
+@functools.lru_cache(maxsize=None)  # ~2 s each; a sweep asks once per point. Callers only read it.
 def fit_classifier(seed=0):
   """(classifier, held_out_accuracy): LogisticRegression on the training part of split(seed) at 8×8."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
@@ -100,8 +103,7 @@ def demo_report(samples, fid_value, feature_fn, batch_size, ref_mu, ref_sigma, *
   """
   from ddpm_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
   real = real_subset(len(samples), seed, samples.shape[1])
-  mu, sigma = fid.stats_from_features(fid.compute_features(feature_fn, [real], batch_size)["pool_3"])
-  floor = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  floor = fid.fid_from_features(fid.compute_features(feature_fn, [real], batch_size)["pool_3"], ref_mu, ref_sigma)
   classifier, accuracy = fit_classifier(seed)
   return dict(num_samples=len(samples), fid=fid_value, floor_fid=floor, fid_over_floor=fid_value / floor,
               confident_share=confident_share(classifier, samples),

