@@ -210,9 +210,10 @@ def solver_plan(diffusion, num_steps, method, order, spacing):
   if not num_steps:
     raise ValueError(f"method {method!r} needs num_steps >= 1 (network calls per sample; 10-20 is its range).")
   alphas_cumprod = np.asarray(diffusion.alphas_cumprod, np.float64)
-  timesteps = solvers.solver_timesteps(diffusion.num_timesteps, num_steps, solvers.spacing_of(spacing),
-                                       alphas_cumprod=alphas_cumprod)
-  return solvers.plan(diffusion, timesteps, method=method, order=order)
+  spacing = solvers.spacing_of(spacing)
+  timesteps = solvers.solver_timesteps(diffusion.num_timesteps, num_steps, spacing, alphas_cumprod=alphas_cumprod)
+  sigmas = solvers.karras_sigmas(alphas_cumprod, num_steps) if spacing == "karras" else None
+  return solvers.plan(diffusion, timesteps, method=method, order=order, sigmas=sigmas)
 
 
 def _solver_chain(model_fn, diffusion, plan, rng, shape, *, first_index, method, clip_denoised, report):

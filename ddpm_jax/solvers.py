@@ -27,7 +27,7 @@ from ddpm_jax import progress as progress_lib
 
 METHODS = ("dpm_solver++", "sde_dpm_solver++", "unipc")
 MAX_ORDER = {"dpm_solver++": 3, "sde_dpm_solver++": 2, "unipc": 3}
-SPACINGS = ("linspace", "leading", "trailing", "quadratic", "logsnr")
+SPACINGS = ("linspace", "leading", "trailing", "quadratic", "logsnr", "karras")
 
 
 def spacing_of(spacing):
@@ -48,6 +48,10 @@ def solver_timesteps(num_timesteps, num_steps, spacing, *, alphas_cumprod=None):
     'logsnr' (ours; the spacing DPM-Solver recommends, Lu et al. 2022a §3.3): n points uniform in λ from λ(T−1)
       to λ(0), each mapped to the t whose λ is nearest; it starts at T−1 and ends at 0. Needs alphas_cumprod
       (e.g. diffusion.alphas_cumprod).
+    'karras': the timesteps of `karras_sigmas` (Karras et al. 2022), each noise level's t interpolated in log σ
+      over the table and rounded, exactly as diffusers' `use_karras_sigmas=True`. The solver steps between the
+      continuous noise levels themselves (pass them to `plan` as sigmas); only the network sees the rounded t.
+      Needs alphas_cumprod.
   Ours are made distinct by moving colliding steps up by one (only for n close to T); every spacing checks that its
   list is distinct and in [0, T−1], and raises ValueError if not (diffusers' own lists collide for large n).
   """
@@ -63,21 +67,44 @@ def solver_timesteps(num_timesteps, num_steps, spacing, *, alphas_cumprod=None):
   elif spacing == "quadratic":
     steps = _distinct_ascending(np.round((T - 1) * (np.arange(1, n + 1) / n) ** 2).astype(np.int64))[::-1]
   elif spacing == "logsnr":
-    if alphas_cumprod is None:
-      raise ValueError("spacing='logsnr' needs alphas_cumprod (e.g. diffusion.alphas_cumprod).")
-    ac = np.asarray(alphas_cumprod, np.float64)
-    if ac.shape != (T,):
-      raise ValueError(f"alphas_cumprod must have shape [{T}], got {ac.shape}.")
+    ac = _table(alphas_cumprod, T, spacing)
     lam = 0.5 * (np.log(ac) - np.log1p(-ac))
     targets = np.linspace(lam[T - 1], lam[0], n)
     nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)  # descending t, as λ rises while t falls
     steps = _distinct_ascending(nearest[::-1])[::-1]
+  elif spacing == "karras":
+    log_sigmas = np.log(_sigmas(_table(alphas_cumprod, T, spacing)))  # ascending in t
+    steps = np.interp(np.log(karras_sigmas(alphas_cumprod, n)), log_sigmas, np.arange(T)).round().astype(np.int64)
   else:
     raise ValueError(f"Unknown timestep spacing {spacing!r}; choose one of {SPACINGS}.")
   if len(steps) != n or np.any(np.diff(steps) >= 0) or steps[0] > T - 1 or steps[-1] < 0:
     raise ValueError(f"spacing={spacing!r} gives no {n} distinct timesteps in [0, {T - 1}] for T = {T}: {steps}; "
                      "use fewer steps or another spacing.")
   return steps.astype(np.int32)
+
+
+def karras_sigmas(alphas_cumprod, num_steps, rho=7.0):
+  """The 'karras' spacing's n noise levels σ = √((1 − ᾱ)/ᾱ), descending from σ(T−1) to σ(0), uniform in σ^(1/ρ).
+
+  Karras et al. 2022 (EDM), eq. 5 with their ρ = 7: dense at low noise, where a step's error shows most.
+  float64 [num_steps]; the solver's α = 1/√(1 + σ²) and σ_t = σ·α at each step.
+  """
+  sigmas = _sigmas(_table(alphas_cumprod, len(alphas_cumprod), "karras"))
+  lo, hi = sigmas[0] ** (1.0 / rho), sigmas[-1] ** (1.0 / rho)
+  return (hi + np.linspace(0.0, 1.0, num_steps) * (lo - hi)) ** rho
+
+
+def _table(alphas_cumprod, T, spacing):
+  if alphas_cumprod is None:
+    raise ValueError(f"spacing={spacing!r} needs alphas_cumprod (e.g. diffusion.alphas_cumprod).")
+  ac = np.asarray(alphas_cumprod, np.float64)
+  if ac.shape != (T,):
+    raise ValueError(f"alphas_cumprod must have shape [{T}], got {ac.shape}.")
+  return ac
+
+
+def _sigmas(ac):
+  return np.sqrt((1.0 - ac) / ac)
 
 
 def _distinct_ascending(steps):
@@ -126,15 +153,15 @@ def _unipc_rhos(rks, hh, order, predictor):
   return np.array([0.5]) if order == 1 else np.linalg.solve(rows, np.array(b))
 
 
-def _coefficients(method, order, alphas_cumprod, one_minus_alphas_cumprod, timesteps):
+def _coefficients(method, order, alpha, sigma):
   """Per-step float64 coefficients of the update (module docstring), each [n] or [n, K + 1] over x̂_0 history.
+
+  alpha, sigma: α and σ at each of the n steps' timesteps, float64 [n].
 
   Returns dict: alpha, sigma (of the step's own t, for x̂_0), a, c, noise (the step), and for UniPC corr_last,
   corr_c (its corrector; zero where it is off: the first step).
   """
-  n = len(timesteps)
-  alpha = np.sqrt(alphas_cumprod[timesteps])
-  sigma = np.sqrt(one_minus_alphas_cumprod[timesteps])
+  n = len(alpha)
   lam = np.log(alpha) - np.log(sigma)
   # The step's target: the next timestep, then σ = 0 (α = 1, λ = ∞) at the end.
   alpha_to, sigma_to, lam_to = np.append(alpha[1:], 1.0), np.append(sigma[1:], 0.0), np.append(lam[1:], np.inf)
@@ -204,8 +231,8 @@ def _coefficients(method, order, alphas_cumprod, one_minus_alphas_cumprod, times
   return dict(alpha=alpha, sigma=sigma, a=a, c=c, noise=noise, corr_last=corr_last, corr_c=corr_c)
 
 
-def solve(model_fn, diffusion, x_T, timesteps, *, method, order, noise_fn=None, clip_denoised=False, report=None,
-          return_trajectory=False):
+def solve(model_fn, diffusion, x_T, timesteps, *, method, order, sigmas=None, noise_fn=None, clip_denoised=False,
+          report=None, return_trajectory=False):
   """Runs a fast solver from x_T at timesteps[0] down to σ = 0 as ONE `lax.scan` over the steps; returns x_0.
 
   model_fn(x_t, t_B) → network output (ε, x̂_0 or x_{t−1} per diffusion.model_mean_type; a learned-variance half
@@ -251,15 +278,17 @@ def solve(model_fn, diffusion, x_T, timesteps, *, method, order, noise_fn=None, 
   (the last being x_0; for UniPC the predictor's output, before the next step corrects it, like diffusers'
   `prev_sample`).
   """
-  return run(model_fn, diffusion, x_T, plan(diffusion, timesteps, method=method, order=order), method=method,
-             noise_fn=noise_fn, clip_denoised=clip_denoised, report=report, return_trajectory=return_trajectory)
+  return run(model_fn, diffusion, x_T, plan(diffusion, timesteps, method=method, order=order, sigmas=sigmas),
+             method=method, noise_fn=noise_fn, clip_denoised=clip_denoised, report=report,
+             return_trajectory=return_trajectory)
 
 
-def plan(diffusion, timesteps, *, method, order):
+def plan(diffusion, timesteps, *, method, order, sigmas=None):
   """What `run` scans over: per step, its index i, t and the update's coefficients (float32 arrays [n, …]).
 
   Computed from the concrete diffusion's tables in float64 NumPy (outside any jit/pmap), so a compiled chain
-  can take the plan as an argument while the diffusion itself is traced.
+  can take the plan as an argument while the diffusion itself is traced. sigmas: None (each step at the noise
+  level of its timestep), or the steps' own noise levels σ = √((1 − ᾱ)/ᾱ), float [n] (`karras_sigmas`).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown solver method {method!r}; choose one of {METHODS}.")
@@ -271,13 +300,22 @@ def plan(diffusion, timesteps, *, method, order):
       or np.any(np.diff(timesteps) >= 0) or timesteps[0] > total - 1 or timesteps[-1] < 0):
     raise ValueError(f"timesteps must be descending distinct ints in [0, {total - 1}] (see solver_timesteps), "
                      f"got {timesteps}.")
-  try:
-    alphas_cumprod = np.asarray(diffusion.alphas_cumprod, np.float64)
-    one_minus = np.asarray(diffusion.one_minus_alphas_cumprod, np.float64)  # 1 − ᾱ from float64, exact at small t
-  except jax.errors.TracerArrayConversionError:
-    raise ValueError("solve needs a concrete diffusion: close over the diffusion instead of passing it as a "
-                     "jit argument.") from None
-  coef = _coefficients(method, order, alphas_cumprod, one_minus, timesteps)
+  if sigmas is None:
+    try:
+      alpha = np.sqrt(np.asarray(diffusion.alphas_cumprod, np.float64)[timesteps])
+      # 1 − ᾱ from its own float64 table, exact at small t.
+      sigma = np.sqrt(np.asarray(diffusion.one_minus_alphas_cumprod, np.float64)[timesteps])
+    except jax.errors.TracerArrayConversionError:
+      raise ValueError("solve needs a concrete diffusion: close over the diffusion instead of passing it as a "
+                       "jit argument.") from None
+  else:
+    sigmas = np.asarray(sigmas, np.float64)
+    if sigmas.shape != timesteps.shape or np.any(np.diff(sigmas) >= 0) or sigmas[-1] <= 0:
+      raise ValueError(f"sigmas must be {len(timesteps)} positive descending noise levels, one per timestep, got "
+                       f"{sigmas}.")
+    alpha = 1.0 / np.sqrt(1.0 + sigmas**2)
+    sigma = sigmas * alpha
+  coef = _coefficients(method, order, alpha, sigma)
   return dict(i=np.arange(len(timesteps), dtype=np.int32), t=timesteps.astype(np.int32),
               **{k: v.astype(np.float32) for k, v in coef.items()})
 

@@ -48,7 +48,8 @@ def eps_torch(x, t):
 def diffusers_trajectory(method, order, num_steps, spacing, noises):
   """diffusers' prev_sample after every step from X_T, and its timesteps."""
   cls, kwargs = SCHEDULERS[method]
-  scheduler = cls(**DIFFUSERS, solver_order=order, timestep_spacing=spacing, **kwargs)
+  spacing_kwargs = dict(use_karras_sigmas=True) if spacing == "karras" else dict(timestep_spacing=spacing)
+  scheduler = cls(**DIFFUSERS, solver_order=order, **spacing_kwargs, **kwargs)
   scheduler.set_timesteps(num_steps)
   x, xs = torch.from_numpy(X_T), []
   for i, t in enumerate(scheduler.timesteps):
@@ -61,7 +62,9 @@ def diffusers_trajectory(method, order, num_steps, spacing, noises):
 PARITY_CASES = ([("dpm_solver++", 2, n, s) for n in (5, 10, 20) for s in ("linspace", "leading", "trailing")]
                 + [(m, o, n, "linspace") for m, o in [("dpm_solver++", 3), ("sde_dpm_solver++", 2), ("unipc", 2),
                                                       ("unipc", 3)] for n in (5, 10, 20)]
-                + [("dpm_solver++", 1, 10, "trailing"), ("unipc", 1, 10, "leading"), ("unipc", 2, 10, "trailing")])
+                + [("dpm_solver++", 1, 10, "trailing"), ("unipc", 1, 10, "leading"), ("unipc", 2, 10, "trailing")]
+                + [(m, o, n, "karras") for m, o in [("dpm_solver++", 2), ("sde_dpm_solver++", 2), ("unipc", 2)]
+                   for n in (5, 10, 20)] + [("dpm_solver++", 3, 10, "karras")])
 
 
 @pytest.mark.parametrize("method,order,num_steps,spacing", PARITY_CASES)
@@ -71,11 +74,14 @@ def test_trajectory_matches_diffusers(method, order, num_steps, spacing):
   noises = (np.random.RandomState(num_steps).randn(num_steps, *SHAPE).astype(np.float32)
             if method == "sde_dpm_solver++" else None)
   theirs, their_steps = diffusers_trajectory(method, order, num_steps, spacing, noises)
-  steps = solvers.solver_timesteps(T, num_steps, spacing)
+  ac = np.asarray(paper_diffusion().alphas_cumprod, np.float64)
+  steps = solvers.solver_timesteps(T, num_steps, spacing, alphas_cumprod=ac)
   np.testing.assert_array_equal(steps, their_steps)
+  # 'karras' steps between its own noise levels; the network sees their rounded timesteps.
+  sigmas = solvers.karras_sigmas(ac, num_steps) if spacing == "karras" else None
   noise_fn = None if noises is None else (lambda i: jnp.asarray(noises)[i])
   x_0, ours = solvers.solve(eps_jax, paper_diffusion(), jnp.asarray(X_T), steps, method=method, order=order,
-                            noise_fn=noise_fn, return_trajectory=True)
+                            sigmas=sigmas, noise_fn=noise_fn, return_trajectory=True)
   ours = np.asarray(ours)
   assert ours.shape == (num_steps,) + SHAPE
   np.testing.assert_array_equal(np.asarray(x_0), ours[-1])
@@ -92,6 +98,26 @@ def test_spacings_match_diffusers(spacing):
       scheduler = cls(**DIFFUSERS, timestep_spacing=spacing)
       scheduler.set_timesteps(n)
       np.testing.assert_array_equal(ours, scheduler.timesteps.numpy(), err_msg=f"{cls.__name__} n={n}")
+
+
+def test_karras_spacing_matches_diffusers():
+  ac = np.asarray(paper_diffusion().alphas_cumprod, np.float64)
+  sigma = np.sqrt((1 - ac) / ac)
+  for n in (1, 2, 5, 10, 20, 50):
+    levels = solvers.karras_sigmas(ac, n)
+    # EDM's eq. 5 with ρ = 7: the ends are the table's, and σ^(1/7) falls by equal steps.
+    np.testing.assert_allclose(levels[0], sigma[-1])
+    if n > 1:
+      np.testing.assert_allclose(levels[-1], sigma[0])
+      np.testing.assert_allclose(np.diff(levels ** (1 / 7)), np.diff(levels ** (1 / 7))[0], rtol=1e-9)
+    for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+      scheduler = cls(**DIFFUSERS, use_karras_sigmas=True)
+      scheduler.set_timesteps(n)
+      np.testing.assert_array_equal(solvers.solver_timesteps(T, n, "karras", alphas_cumprod=ac),
+                                    scheduler.timesteps.numpy(), err_msg=f"{cls.__name__} n={n}")
+      np.testing.assert_allclose(levels, scheduler.sigmas.numpy()[:-1], rtol=1e-6)
+  with pytest.raises(ValueError, match="distinct"):  # rounded, 100 Karras levels repeat timesteps near t = 0
+    solvers.solver_timesteps(T, 100, "karras", alphas_cumprod=ac)
 
 
 @pytest.mark.parametrize("spacing", ["quadratic", "logsnr"])
@@ -119,6 +145,8 @@ def test_spacing_errors():
   with pytest.raises(ValueError, match="alphas_cumprod"):
     solvers.solver_timesteps(T, 10, "logsnr")
   with pytest.raises(ValueError, match="Unknown timestep spacing"):
+    solvers.solver_timesteps(T, 10, "cosine")
+  with pytest.raises(ValueError, match="alphas_cumprod"):
     solvers.solver_timesteps(T, 10, "karras")
   with pytest.raises(ValueError, match="num_steps"):
     solvers.solver_timesteps(T, 0, "linspace")
@@ -272,6 +300,17 @@ def test_sample_sharded_equals_sample_loop_and_the_solver_itself(method):
                        noise_fn=noise if method == "sde_dpm_solver++" else None)
   np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5)
   assert float(jnp.std(one - x_T)) > 0.1  # the network moved the samples: the comparison is not of x_T with itself
+
+
+def test_the_samplers_karras_plan_steps_between_karras_noise_levels():
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  d = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", num_timesteps=100))
+  ac = np.asarray(d.alphas_cumprod, np.float64)
+  got = sampling.solver_plan(d, 6, "dpm_solver++", 2, "karras")
+  levels = solvers.karras_sigmas(ac, 6)
+  np.testing.assert_array_equal(got["t"], solvers.solver_timesteps(100, 6, "karras", alphas_cumprod=ac))
+  np.testing.assert_allclose(got["sigma"] / got["alpha"], levels, rtol=1e-6)  # not the rounded timesteps' levels
+  assert np.abs(got["sigma"] / got["alpha"] - np.sqrt((1 - ac) / ac)[got["t"]]).max() > 1e-3
 
 
 def test_sampler_from_config_tags_and_errors():
