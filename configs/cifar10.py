@@ -77,7 +77,9 @@ def get_config():
   # Fast solvers: method 'dpm_solver++' (Lu et al. 2022), 'sde_dpm_solver++' or 'unipc' (Zhao et al. 2023), with
   # num_steps network calls (10-20 is their range) of this order and timestep spacing (docs/evaluation.md).
   sampling.order = 2  # 1-3 ('sde_dpm_solver++': 1-2); 2 = DPM-Solver++(2M).
-  sampling.spacing = "auto"  # 'auto' (= 'logsnr'), 'linspace', 'leading', 'trailing', 'quadratic', 'karras'.
+  # Timesteps: solvers 'auto' (= 'logsnr'), 'linspace', 'leading', 'trailing', 'quadratic', 'karras'; chains 'auto'
+  # (= 'even'), 'leading', 'trailing'.
+  sampling.spacing = "auto"
 
   # --mode=eval (docs/evaluation.md): the paper's Table 1 protocol.
   config.eval = ev = ml_collections.ConfigDict()

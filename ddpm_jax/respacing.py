@@ -9,6 +9,8 @@ import numpy as np
 
 from ddpm_jax import diffusion as diffusion_lib
 
+SPACINGS = ("even", "leading", "trailing")  # of the respaced chains (ancestral, DDIM); the solvers' are in solvers.py
+
 
 def spaced_timesteps(num_timesteps, num_steps):
   """The kept original timesteps, increasing int32 [num_steps]: k_i = round(i·(T−1)/(n−1)), halves rounded up.
@@ -23,7 +25,26 @@ def spaced_timesteps(num_timesteps, num_steps):
   return ((2 * i * (num_timesteps - 1) + (num_steps - 1)) // (2 * (num_steps - 1))).astype(np.int32)
 
 
-def respaced(diffusion, num_steps):
+def chain_timesteps(num_timesteps, num_steps, spacing="even"):
+  """The kept timesteps of a respaced chain, increasing int32 [num_steps].
+
+  'even': spaced_timesteps (0 and T − 1 always kept). 'leading' and 'trailing': diffusers' DDIMScheduler and
+  DDPMScheduler `timestep_spacing` (steps_offset = 0): 'leading' is k·(T // n) for k = 0, …, n − 1 (it never
+  reaches T − 1: the chain starts lower, from pure noise, as diffusers' does); 'trailing' is round(T − k·T/n) − 1 for
+  k = n − 1, …, 0 (from T − 1 down to T/n − 1: the last step jumps to x_0 from there).
+  """
+  _check_num_steps(num_steps, num_timesteps)
+  T, n = num_timesteps, num_steps
+  if spacing == "even":
+    return spaced_timesteps(T, n)
+  if spacing == "leading":
+    return (np.arange(n, dtype=np.int64) * (T // n)).astype(np.int32)
+  if spacing == "trailing":
+    return (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[::-1].astype(np.int32)
+  raise ValueError(f"Unknown respaced-chain spacing {spacing!r}; choose one of {SPACINGS}.")
+
+
+def respaced(diffusion, num_steps, spacing="even"):
   """(n-step GaussianDiffusion over the kept steps, timestep_map int32 [n]: respaced index → original t).
 
   Call the network with timestep_map[i] at respaced step i. num_steps = T returns `diffusion` itself. The betas are
@@ -33,7 +54,7 @@ def respaced(diffusion, num_steps):
   one step of the original chain, which sampling.py converts or rejects.
   """
   total = diffusion.num_timesteps
-  kept = spaced_timesteps(total, num_steps)
+  kept = chain_timesteps(total, num_steps, spacing)  # spacing: one of SPACINGS (chain_timesteps)
   if num_steps == total:
     return diffusion, kept
   try:

@@ -21,7 +21,7 @@ class Sampler:
   eta: float = 0.0  # DDIM's noise scale (DDIM only)
   clip_denoised: bool = True  # clip the predicted x̂_0 to [-1, 1] at every step (as the authors do)
   order: int = 2  # the solvers' order (1-3; 'sde_dpm_solver++' 1-2)
-  spacing: str = "auto"  # the solvers' timesteps (solvers.SPACINGS; 'auto' = 'logsnr'); the chains respace evenly
+  spacing: str = "auto"  # timesteps: 'auto' = 'logsnr' (solvers.SPACINGS) or 'even' (chains: respacing.SPACINGS)
 
   def __post_init__(self):
     if self.method not in sampling.METHODS:
@@ -49,11 +49,15 @@ class Sampler:
       return ""
     if self.is_solver:  # e.g. '_dpm_solver++2_20_logsnr'
       return f"_{self.method}{self.order}_{self.num_steps}_{solvers.spacing_of(self.spacing)}"
-    return f"_{self.method}{self.steps(num_timesteps)}" + (f"_eta{self.eta}" if self.method == "ddim" else "")
+    spacing = sampling.chain_spacing(self.spacing)
+    return (f"_{self.method}{self.steps(num_timesteps)}" + (f"_eta{self.eta}" if self.method == "ddim" else "")
+            + ("" if spacing == "even" else f"_{spacing}"))
 
   def chain_kwargs(self):
     """The sampler arguments of sampling.sample_loop and sampling.sample_sharded."""
     kwargs = dict(clip_denoised=self.clip_denoised, num_steps=self.num_steps or None, method=self.method, eta=self.eta)
     if self.is_solver:
       kwargs.update(order=self.order, spacing=self.spacing)
+    elif sampling.chain_spacing(self.spacing) != "even":  # only then: results files of evenly spaced chains unchanged
+      kwargs.update(spacing=self.spacing)
     return kwargs

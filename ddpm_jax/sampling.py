@@ -29,7 +29,14 @@ from ddpm_jax import solvers
 
 CHAIN_METHODS = ("ancestral", "ddim")  # one step of a (respaced) Markov chain per network call
 METHODS = CHAIN_METHODS + solvers.METHODS  # the fast multistep solvers run in solvers.py
-SPACINGS = ("auto", "even") + solvers.SPACINGS
+# 'auto': 'even' for the chains, 'logsnr' for the solvers. 'leading' and 'trailing' are diffusers' definitions of the
+# method's scheduler (DDIMScheduler for the chains, DPMSolverMultistepScheduler for the solvers), which differ.
+SPACINGS = tuple(dict.fromkeys(("auto",) + respacing.SPACINGS + solvers.SPACINGS))
+
+
+def chain_spacing(spacing):
+  """The respacing.SPACINGS entry a chain (ancestral, DDIM) runs for config.sampling.spacing ('auto' = 'even')."""
+  return "even" if spacing == "auto" else spacing
 
 
 def _per_example_normal(rng, indices, t, shape):
@@ -88,9 +95,9 @@ def _check_sampler(diffusion, num_kept, method, eta, order=2, spacing="auto"):
       raise ValueError(f"spacing 'even' is the respaced chains' own; {method!r} takes 'auto' or one of "
                        f"{solvers.SPACINGS}.")
     return
-  if spacing not in ("auto", "even"):
-    raise ValueError(f"method {method!r} runs the evenly respaced chain (spacing 'auto' or 'even'); the spacings "
-                     f"{solvers.SPACINGS} are for {solvers.METHODS}.")
+  if chain_spacing(spacing) not in respacing.SPACINGS:
+    raise ValueError(f"method {method!r} runs a respaced chain: spacing 'auto' (= 'even') or one of "
+                     f"{respacing.SPACINGS[1:]}; {spacing!r} is for the solvers {solvers.METHODS}.")
   if method == "ancestral" and diffusion.model_var_type == "learned" and num_kept < diffusion.num_timesteps:
     raise ValueError("model_var_type='learned' predicts the variance of one step of the full chain, not of a "
                      "respaced one; use method='ddim', all T steps, or a 'learned_range' model.")
@@ -170,8 +177,8 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
   entry being the final sample), the paper's progressive generation. Python ints start_t and record_every are
   static: call this inside `jax.jit` with them fixed.
 
-  num_steps (None = all T) runs only the respaced timesteps respacing.spaced_timesteps(T, num_steps); start_t must
-  then be one of them, and the diffusion must be concrete (closed over, not a jit argument). method is 'ancestral'
+  num_steps (None = all T) runs only the respaced timesteps respacing.chain_timesteps(T, num_steps, spacing)
+  ('auto' = 'even'; 'leading' and 'trailing' as diffusers' DDIMScheduler); start_t must then be one of them, and the diffusion must be concrete (closed over, not a jit argument). method is 'ancestral'
   (the paper) or 'ddim' with noise scale eta ≥ 0 (ignored by 'ancestral'). num_steps, method and eta are static.
   method may also be one of the fast solvers (solvers.py: 'dpm_solver++', 'sde_dpm_solver++', 'unipc') of the
   given order, over num_steps timesteps of `spacing` ('auto' = 'logsnr'); they start from x_T (no x_init, start_t
@@ -188,15 +195,16 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
                        f"{CHAIN_METHODS}.")
     return _solver_chain(model_fn, diffusion, solver_plan(diffusion, num_steps, method, order, spacing), rng, shape,
                          first_index=first_index, method=method, clip_denoised=clip_denoised, report=report)
-  spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
-  _check_sampler(diffusion, len(timesteps), method, eta, order, spacing)
+  num_kept = total if num_steps is None else num_steps
+  _check_sampler(diffusion, num_kept, method, eta, order, spacing)
+  spaced, timesteps = respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
   if start_t is None:
     num_run = len(timesteps)
   elif not 0 <= start_t < total:
     raise ValueError(f"start_t must be in [0, {total - 1}], got {start_t}.")
   elif start_t not in timesteps:
     raise ValueError(f"start_t {start_t} is not one of the {len(timesteps)} respaced timesteps; pick one of "
-                     "respacing.spaced_timesteps(T, num_steps).")
+                     "respacing.chain_timesteps(T, num_steps, spacing).")
   else:
     num_run = int(np.searchsorted(timesteps, start_t)) + 1
   return _chain(model_fn, diffusion, spaced, timesteps, rng, shape, num_run=num_run, x_init=x_init,
@@ -273,8 +281,9 @@ def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_
   if method in solvers.METHODS:
     spaced, timesteps = solver_plan(diffusion, num_steps, method, order, spacing), None
   else:
-    spaced, timesteps = respacing.respaced(diffusion, total if num_steps is None else num_steps)
-    _check_sampler(diffusion, len(timesteps), method, eta, order, spacing)
+    num_kept = total if num_steps is None else num_steps
+    _check_sampler(diffusion, num_kept, method, eta, order, spacing)
+    spaced, timesteps = respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
   per_device = num_samples // n
   starts = first_index + per_device * jnp.arange(n)
   run = functools.partial(_sample_pmapped, model, params_replicated, diffusion, spaced, timesteps, rng,

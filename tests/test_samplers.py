@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from diffusers import DDPMScheduler
 
 from ddpm_jax import diffusion as dlib
 from ddpm_jax import respacing
@@ -177,6 +178,41 @@ def test_ddim_step_matches_diffusers(clip, eta):
   lin = DDIMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.2, timestep_spacing="linspace")
   lin.set_timesteps(10)
   np.testing.assert_array_equal(lin.timesteps.numpy()[::-1], respacing.spaced_timesteps(T, 10))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_chain_spacings_and_the_ddim_trajectory_match_diffusers(spacing):
+  # The paper's T = 1000 betas; diffusers' DDIMScheduler configured alike (ᾱ_prev = 1 after the last step, no
+  # offset; with clipping, ε recomputed from the clipped x̂_0, as the paper's chain does). Both strides are T // n here,
+  # so diffusers' step to t − T // n is our respaced chain's next kept step.
+  total = 1000
+  d = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", num_timesteps=total))
+
+  def eps(x, t, xp=jnp):
+    return 0.8 * xp.tanh(x) + 0.3 * (t[:, None, None, None] if xp is jnp else t) / total * xp.sin(3.0 * x)
+
+  x_init = np.asarray(x_T(2))
+  for n in (5, 10, 20):
+    kept = respacing.chain_timesteps(total, n, spacing)
+    for cls in (DDIMScheduler, DDPMScheduler):
+      timesteps_of = cls(num_train_timesteps=total, timestep_spacing=spacing)
+      timesteps_of.set_timesteps(n)
+      np.testing.assert_array_equal(kept[::-1], timesteps_of.timesteps.numpy(), err_msg=f"{cls.__name__} n={n}")
+    for clip in (False, True):
+      _, ours = sampling.sample_loop(eps, d, jax.random.PRNGKey(0), x_init.shape, x_init=jnp.asarray(x_init),
+                                     num_steps=n, method="ddim", eta=0.0, spacing=spacing, clip_denoised=clip,
+                                     record_every=1)
+      sched = DDIMScheduler(num_train_timesteps=total, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                            clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing)
+      sched.set_timesteps(n)
+      x = torch.from_numpy(x_init)
+      for i, t in enumerate(sched.timesteps.numpy()):
+        out = eps(x.numpy(), float(t), xp=np).astype(np.float32)
+        x = sched.step(torch.from_numpy(out), int(t), x, eta=0.0, use_clipped_model_output=True).prev_sample
+        got = np.asarray(ours["x_t"][i])
+        assert np.linalg.norm(got - x.numpy()) <= 1e-5 * np.linalg.norm(x.numpy()), (n, clip, i, t)
+  with pytest.raises(ValueError, match="is for the solvers"):
+    sampling.sample_loop(eps, d, jax.random.PRNGKey(0), x_init.shape, num_steps=5, method="ddim", spacing="logsnr")
 
 
 def as_xstart(x, t):

@@ -326,14 +326,18 @@ def test_sampler_from_config_tags_and_errors():
                                   spacing="trailing")
   assert Sampler(method="unipc", num_steps=10).tag(1000) == "_unipc2_10_logsnr"
   assert Sampler(method="ddim", num_steps=50).tag(1000) == "_ddim50_eta0.0"
+  assert Sampler(method="ddim", num_steps=50, spacing="even").tag(1000) == "_ddim50_eta0.0"  # 'auto' for a chain
+  trailing = Sampler(method="ddim", num_steps=50, spacing="trailing")
+  assert trailing.tag(1000) == "_ddim50_eta0.0_trailing" and trailing.chain_kwargs()["spacing"] == "trailing"
+  assert "spacing" not in Sampler(method="ddim", num_steps=50).chain_kwargs()  # results files of old runs unchanged
   d = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", num_timesteps=100))
   model_fn = lambda x, t: jnp.zeros_like(x)
   for kwargs, message in [(dict(method="dpm_solver++"), "needs num_steps >= 1"),
                           (dict(method="dpm_solver++", num_steps=5, order=4), "order must be 1 to 3"),
                           (dict(method="sde_dpm_solver++", num_steps=5, order=3), "order must be 1 to 2"),
-                          (dict(method="ddim", num_steps=5, spacing="logsnr"), "runs the evenly respaced chain"),
+                          (dict(method="ddim", num_steps=5, spacing="logsnr"), "runs a respaced chain"),
                           (dict(method="unipc", num_steps=5, spacing="even"), "spacing 'even' is the respaced"),
-                          (dict(method="unipc", num_steps=5, spacing="karras"), "Unknown timestep spacing")]:
+                          (dict(method="unipc", num_steps=5, spacing="cosine"), "Unknown timestep spacing")]:
     with pytest.raises(ValueError, match=message):
       sampling.sample_loop(model_fn, d, jax.random.PRNGKey(0), (2, 4, 4, 1), **kwargs)
   with pytest.raises(ValueError, match="runs from x_T only"):

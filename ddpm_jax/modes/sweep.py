@@ -51,7 +51,7 @@ def pair_config(config, method, steps):
   c = copy.deepcopy(config)
   c.sampling.method = method
   if method not in solvers.METHODS:
-    c.sampling.spacing = "auto"  # sampling.spacing is the solvers'; the chains respace evenly
+    c.sampling.spacing = "auto"  # a sweep's sampling.spacing is for its solvers; its chains respace evenly
   c.sampling.num_steps = 0 if (method == "ancestral" and steps == config.diffusion.num_timesteps) else steps
   c.eval.bpd_num_examples = 0
   c.eval.figures = False
