@@ -178,7 +178,8 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
   static: call this inside `jax.jit` with them fixed.
 
   num_steps (None = all T) runs only the respaced timesteps respacing.chain_timesteps(T, num_steps, spacing)
-  ('auto' = 'even'; 'leading' and 'trailing' as diffusers' DDIMScheduler); start_t must then be one of them, and the diffusion must be concrete (closed over, not a jit argument). method is 'ancestral'
+  ('auto' = 'even'; 'leading' and 'trailing' as diffusers' DDIMScheduler); start_t must then be one of them, and
+  the diffusion must be concrete (closed over, not a jit argument). method is 'ancestral'
   (the paper) or 'ddim' with noise scale eta ≥ 0 (ignored by 'ancestral'). num_steps, method and eta are static.
   method may also be one of the fast solvers (solvers.py: 'dpm_solver++', 'sde_dpm_solver++', 'unipc') of the
   given order, over num_steps timesteps of `spacing` ('auto' = 'logsnr'); they start from x_T (no x_init, start_t
@@ -195,9 +196,7 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
                        f"{CHAIN_METHODS}.")
     return _solver_chain(model_fn, diffusion, solver_plan(diffusion, num_steps, method, order, spacing), rng, shape,
                          first_index=first_index, method=method, clip_denoised=clip_denoised, report=report)
-  num_kept = total if num_steps is None else num_steps
-  _check_sampler(diffusion, num_kept, method, eta, order, spacing)
-  spaced, timesteps = respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
+  spaced, timesteps = _respaced_chain(diffusion, num_steps, method, eta, order, spacing)
   if start_t is None:
     num_run = len(timesteps)
   elif not 0 <= start_t < total:
@@ -210,6 +209,13 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
   return _chain(model_fn, diffusion, spaced, timesteps, rng, shape, num_run=num_run, x_init=x_init,
                 first_index=first_index, clip_denoised=clip_denoised, record_every=record_every, method=method,
                 eta=float(eta), report=report)
+
+
+def _respaced_chain(diffusion, num_steps, method, eta, order, spacing):
+  """The checked chain's (respaced diffusion, kept timesteps) for num_steps (None = all T) of `spacing`."""
+  num_kept = diffusion.num_timesteps if num_steps is None else num_steps
+  _check_sampler(diffusion, num_kept, method, eta, order, spacing)
+  return respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
 
 
 def solver_plan(diffusion, num_steps, method, order, spacing):
@@ -277,13 +283,10 @@ def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_
   """
   n = jax.local_device_count()
   devices.check_divisible("num_samples", num_samples, n, "local devices")
-  total = diffusion.num_timesteps
   if method in solvers.METHODS:
     spaced, timesteps = solver_plan(diffusion, num_steps, method, order, spacing), None
   else:
-    num_kept = total if num_steps is None else num_steps
-    _check_sampler(diffusion, num_kept, method, eta, order, spacing)
-    spaced, timesteps = respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
+    spaced, timesteps = _respaced_chain(diffusion, num_steps, method, eta, order, spacing)
   per_device = num_samples // n
   starts = first_index + per_device * jnp.arange(n)
   run = functools.partial(_sample_pmapped, model, params_replicated, diffusion, spaced, timesteps, rng,
