@@ -28,9 +28,11 @@ import common  # pylint: disable=unused-import  # puts the repository on sys.pat
 import jax
 import numpy as np
 
+from ddpm_jax import analytic_dpm
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import fileio
 from ddpm_jax import images
+from ddpm_jax import input_pipeline
 from ddpm_jax import pretrained
 from ddpm_jax import sampling
 from ddpm_jax import trained_params
@@ -42,6 +44,8 @@ from ddpm_jax.sampler import Sampler
 
 # name → (label, Sampler fields). clip_denoised=False matches diffusers' solvers; '+clip' is the paper's chain.
 OURS = {
+    "ancestral": ("ancestral (paper) respaced", dict(method="ancestral")),
+    "analytic": ("Analytic-DPM", dict(method="analytic_dpm")),
     "ddim": ("DDIM η=0", dict(method="ddim", eta=0.0, clip_denoised=False)),
     "dpm2": ("DPM-Solver++ 2M", dict(method="dpm_solver++", order=2, clip_denoised=False)),
     "dpm2_clip": ("DPM-Solver++ 2M +clip", dict(method="dpm_solver++", order=2, clip_denoised=True)),
@@ -52,9 +56,11 @@ OURS = {
     "unipc2": ("UniPC-2 bh2", dict(method="unipc", order=2, clip_denoised=False)),
     "unipc3": ("UniPC-3 bh2", dict(method="unipc", order=3, clip_denoised=False)),
 }
-# name → (label, diffusers class, its settings beyond the betas). Their defaults otherwise (DDIM: 'leading' spacing
-# and clip_sample=True; the others 'linspace' and no clipping).
+# name → (label, diffusers class, its settings beyond the betas). Their defaults otherwise (DDPM: the ancestral chain
+# with σ² = β̃ ('fixed_small'); DDPM and DDIM: 'leading' spacing and clip_sample=True; the others 'linspace' and no
+# clipping).
 THEIRS = {
+    "ddpm": ("DDPMScheduler", "DDPMScheduler", {}),
     "ddim": ("DDIMScheduler η=0", "DDIMScheduler", {}),
     "dpm2m": ("DPMSolverMultistep 2M", "DPMSolverMultistepScheduler", dict(solver_order=2)),
     "dpm3m": ("DPMSolverMultistep 3M", "DPMSolverMultistepScheduler", dict(solver_order=3)),
@@ -64,7 +70,7 @@ THEIRS = {
     "deis": ("DEISMultistep", "DEISMultistepScheduler", {}),
     "euler": ("EulerDiscrete", "EulerDiscreteScheduler", {}),
 }
-TINY_OURS, TINY_THEIRS = ("ddim", "dpm2"), ("ddim", "dpm2m")
+TINY_OURS, TINY_THEIRS = ("analytic", "dpm2"), ("ddpm", "dpm2m")
 GOAL_RATIO = 1.5  # our best at 20 passes against the 1000-step ancestral FID
 
 
@@ -342,7 +348,13 @@ def main(argv=None):
       if hit is None:
         t0 = time.perf_counter()
         if side == "ours":
-          kwargs = Sampler(num_steps=b, **OURS[name][1]).chain_kwargs()
+          sampler = Sampler(num_steps=b, **OURS[name][1])
+          if sampler.method == analytic_dpm.METHOD:  # E‖ε̂‖² on training examples, as --mode=sample does
+            sampler = analytic_dpm.fit(sampler, sampling.unet_model_fn(model, params), diffusion,
+                                       input_pipeline.make_source(config.data),
+                                       num_examples=config.sampling.analytic_num_examples,
+                                       batch_size=config.sampling.batch_size, seed=config.seed)
+          kwargs = sampler.chain_kwargs()
           u8, compile_s, run_s = ours_sampler(model, params, diffusion, rng, args.num_samples, args.batch_size,
                                               shape, kwargs)
         else:

@@ -72,7 +72,7 @@ def get_config():
   sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] at each step (as the authors do).
   sampling.checkpoint = "latest"  # --mode=sample/eval: "latest" checkpoint, or "best_fid" (see training.fid_every_steps).
   sampling.num_steps = 0  # Reverse steps: 0 = all T (paper); fewer runs an evenly respaced subsequence (improved DDPM).
-  sampling.method = "ancestral"  # 'ancestral' (paper's Algorithm 2) or 'ddim' (Song et al. 2021).
+  sampling.method = "ancestral"  # 'ancestral' (paper's Algorithm 2), 'ddim' (Song et al. 2021) or 'analytic_dpm'.
   sampling.eta = 0.0  # DDIM noise scale (only for 'ddim'): 0 deterministic, 1 = ancestral with sigma^2 = beta-tilde.
   # Fast solvers: method 'dpm_solver++' (Lu et al. 2022), 'sde_dpm_solver++' or 'unipc' (Zhao et al. 2023), with
   # num_steps network calls (10-20 is their range) of this order and timestep spacing (docs/evaluation.md).
@@ -80,6 +80,9 @@ def get_config():
   # Timesteps: solvers 'auto' (= 'logsnr'), 'linspace', 'leading', 'trailing', 'quadratic', 'karras'; chains 'auto'
   # (= 'even'), 'leading', 'trailing'.
   sampling.spacing = "auto"
+  # method 'analytic_dpm': the ancestral chain with Analytic-DPM's optimal variances (Bao et al. 2022), estimated
+  # before sampling from E|eps_hat|^2 on this many training examples at each of the chain's timesteps.
+  sampling.analytic_num_examples = 1000
 
   # --mode=eval (docs/evaluation.md): the paper's Table 1 protocol.
   config.eval = ev = ml_collections.ConfigDict()

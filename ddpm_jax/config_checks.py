@@ -181,6 +181,7 @@ def field_rules():
       "sampling.eta": number(0, meaning="0 = deterministic DDIM"),
       "sampling.order": integer(1),
       "sampling.spacing": one_of(sampling.SPACINGS),
+      "sampling.analytic_num_examples": integer(1),
       "eval.num_samples": integer(0, meaning="0 skips FID and IS"),
       "eval.ref_stats": text(),
       "eval.inception_weights": text(),
@@ -269,8 +270,13 @@ def _check_model_and_diffusion(config):
 
 
 def _reads_data(config, mode):
-  """Whether the run reads config.data's examples: training, FID reference statistics, bits/dim or figures."""
+  """Whether the run reads config.data's examples: training, FID reference statistics, bits/dim, figures, or
+  Analytic-DPM's estimate of E‖ε̂‖²."""
   fid = _get(config, "eval.num_samples", 1) > 0 and not _get(config, "eval.ref_stats", "")
+  methods = (_get(config, "sampling.method", "ancestral"),) + tuple(
+      _get(config, "eval.sweep_methods", ()) if mode == "sweep" else ())
+  if mode != "train" and "analytic_dpm" in methods:
+    return True
   if mode == "eval":
     return fid or _get(config, "eval.bpd_num_examples", 1) != 0 or _get(config, "eval.figures", True)
   return mode == "train" or (mode == "sweep" and fid)

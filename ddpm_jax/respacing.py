@@ -57,6 +57,15 @@ def respaced(diffusion, num_steps, spacing="even"):
   kept = chain_timesteps(total, num_steps, spacing)  # spacing: one of SPACINGS (chain_timesteps)
   if num_steps == total:
     return diffusion, kept
+  alphas_cumprod = float64_alphas_cumprod(diffusion)[kept]
+  new_betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+  spaced = diffusion_lib.GaussianDiffusion(new_betas, diffusion.model_mean_type, diffusion.model_var_type,
+                                           diffusion.loss_type)
+  return spaced, kept
+
+
+def float64_alphas_cumprod(diffusion):
+  """ᾱ [T] in float64 from a concrete diffusion's float32 tables, to ~1e-7 relative (1 − ᾱ too, even near t = 0)."""
   try:
     betas = np.asarray(diffusion.betas, dtype=np.float64)
     stored_alphas_cumprod = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
@@ -66,11 +75,7 @@ def respaced(diffusion, num_steps, spacing="even"):
   # Only float32 tables are stored. 1 − β_t keeps α_t to ~1e-7 relative unless β_t is near 1 (cosine's 0.999 would
   # be off by ~1e-5); there the ratio of the stored ᾱ is the precise one.
   alphas = np.where(betas < 0.5, 1.0 - betas, stored_alphas_cumprod / np.append(1.0, stored_alphas_cumprod[:-1]))
-  alphas_cumprod = np.cumprod(alphas)[kept]
-  new_betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
-  spaced = diffusion_lib.GaussianDiffusion(new_betas, diffusion.model_mean_type, diffusion.model_var_type,
-                                           diffusion.loss_type)
-  return spaced, kept
+  return np.cumprod(alphas)
 
 
 def _check_num_steps(num_steps, num_timesteps):

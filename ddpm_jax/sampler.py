@@ -8,20 +8,24 @@ different samplers apart are written once. It is hashable, so it can be a static
 import dataclasses
 import numbers
 
+from ddpm_jax import respacing
 from ddpm_jax import sampling
 from ddpm_jax import solvers
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  # sampling.METHODS: 'ancestral' (the paper's Algorithm 2), 'ddim', or a fast solver ('dpm_solver++',
-  # 'sde_dpm_solver++', 'unipc'; solvers.py).
+  # sampling.METHODS: 'ancestral' (the paper's Algorithm 2), 'ddim', 'analytic_dpm' (the ancestral chain with
+  # Analytic-DPM's variances: analytic_dpm.py), or a fast solver ('dpm_solver++', 'sde_dpm_solver++', 'unipc';
+  # solvers.py).
   method: str = "ancestral"
   num_steps: int = 0  # network calls per sample; 0 = all T (the paper's chain; not for the solvers)
   eta: float = 0.0  # DDIM's noise scale (DDIM only)
   clip_denoised: bool = True  # clip the predicted x̂_0 to [-1, 1] at every step (as the authors do)
   order: int = 2  # the solvers' order (1-3; 'sde_dpm_solver++' 1-2)
   spacing: str = "auto"  # timesteps: 'auto' = 'logsnr' (solvers.SPACINGS) or 'even' (chains: respacing.SPACINGS)
+  # 'analytic_dpm' only: E‖ε̂‖²/d at each of the chain's timesteps, estimated from data by analytic_dpm.fit.
+  gamma: tuple = ()
 
   def __post_init__(self):
     if self.method not in sampling.METHODS:
@@ -43,6 +47,12 @@ class Sampler:
     """Network evaluations per sample: T unless respaced."""
     return self.num_steps or num_timesteps
 
+  def timesteps(self, num_timesteps):
+    """A chain's kept timesteps, increasing (respacing.chain_timesteps)."""
+    if self.is_solver:
+      raise ValueError(f"{self.method!r} steps between noise levels, not a respaced chain's timesteps.")
+    return respacing.chain_timesteps(num_timesteps, self.steps(num_timesteps), sampling.chain_spacing(self.spacing))
+
   def tag(self, num_timesteps):
     """'' for the paper's chain, else e.g. '_ddim50_eta0.0': outputs of different samplers never share a directory."""
     if self.method == "ancestral" and not self.num_steps:
@@ -60,4 +70,6 @@ class Sampler:
       kwargs.update(order=self.order, spacing=self.spacing)
     elif sampling.chain_spacing(self.spacing) != "even":  # only then: results files of evenly spaced chains unchanged
       kwargs.update(spacing=self.spacing)
+    if self.gamma:
+      kwargs.update(gamma=self.gamma)
     return kwargs

@@ -22,12 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import analytic_dpm
 from ddpm_jax import devices
 from ddpm_jax import progress as progress_lib
 from ddpm_jax import respacing
 from ddpm_jax import solvers
 
-CHAIN_METHODS = ("ancestral", "ddim")  # one step of a (respaced) Markov chain per network call
+# One step of a (respaced) Markov chain per network call; 'analytic_dpm' is the ancestral chain with Analytic-DPM's
+# variances (analytic_dpm.py).
+CHAIN_METHODS = ("ancestral", "ddim", analytic_dpm.METHOD)
 METHODS = CHAIN_METHODS + solvers.METHODS  # the fast multistep solvers run in solvers.py
 # 'auto': 'even' for the chains, 'logsnr' for the solvers. 'leading' and 'trailing' are diffusers' definitions of the
 # method's scheduler (DDIMScheduler for the chains, DPMSolverMultistepScheduler for the solvers), which differ.
@@ -98,6 +101,8 @@ def _check_sampler(diffusion, num_kept, method, eta, order=2, spacing="auto"):
   if chain_spacing(spacing) not in respacing.SPACINGS:
     raise ValueError(f"method {method!r} runs a respaced chain: spacing 'auto' (= 'even') or one of "
                      f"{respacing.SPACINGS[1:]}; {spacing!r} is for the solvers {solvers.METHODS}.")
+  if method == analytic_dpm.METHOD:
+    analytic_dpm.check(diffusion)
   if method == "ancestral" and diffusion.model_var_type == "learned" and num_kept < diffusion.num_timesteps:
     raise ValueError("model_var_type='learned' predicts the variance of one step of the full chain, not of a "
                      "respaced one; use method='ddim', all T steps, or a 'learned_range' model.")
@@ -168,7 +173,7 @@ def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_ini
 
 def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, first_index=0,
                 clip_denoised=True, record_every=0, num_steps=None, method="ancestral", eta=1.0, order=2,
-                spacing="auto", progress=None):
+                spacing="auto", gamma=(), progress=None):
   """Runs the chain t = start_t, …, 0 and returns x_0 [B, H, W, C] (and, optionally, a trajectory).
 
   model_fn(x_t, t_B) → network output. By default the chain starts from x_T ~ N(0, I) at start_t = T − 1;
@@ -183,7 +188,8 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
   (the paper) or 'ddim' with noise scale eta ≥ 0 (ignored by 'ancestral'). num_steps, method and eta are static.
   method may also be one of the fast solvers (solvers.py: 'dpm_solver++', 'sde_dpm_solver++', 'unipc') of the
   given order, over num_steps timesteps of `spacing` ('auto' = 'logsnr'); they start from x_T (no x_init, start_t
-  or record_every) and their randomness follows the same per-example scheme.
+  or record_every) and their randomness follows the same per-example scheme. method 'analytic_dpm' is the ancestral
+  chain with Analytic-DPM's variances, from gamma: E‖ε̂‖²/d at each kept timestep (analytic_dpm.fit).
 
   progress: None (the default: the program has no callback), or fn(steps_done) called on the host every ~1% of
   the steps run (e.g. progress.Progress(…).update); the samples are the same either way.
@@ -196,7 +202,7 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
                        f"{CHAIN_METHODS}.")
     return _solver_chain(model_fn, diffusion, solver_plan(diffusion, num_steps, method, order, spacing), rng, shape,
                          first_index=first_index, method=method, clip_denoised=clip_denoised, report=report)
-  spaced, timesteps = _respaced_chain(diffusion, num_steps, method, eta, order, spacing)
+  spaced, timesteps = _respaced_chain(diffusion, num_steps, method, eta, order, spacing, gamma)
   if start_t is None:
     num_run = len(timesteps)
   elif not 0 <= start_t < total:
@@ -211,11 +217,15 @@ def sample_loop(model_fn, diffusion, rng, shape, *, x_init=None, start_t=None, f
                 eta=float(eta), report=report)
 
 
-def _respaced_chain(diffusion, num_steps, method, eta, order, spacing):
-  """The checked chain's (respaced diffusion, kept timesteps) for num_steps (None = all T) of `spacing`."""
+def _respaced_chain(diffusion, num_steps, method, eta, order, spacing, gamma):
+  """The checked chain's (respaced diffusion, kept timesteps) for num_steps (None = all T) of `spacing`; for
+  'analytic_dpm' the respaced diffusion draws with the variances of gamma."""
   num_kept = diffusion.num_timesteps if num_steps is None else num_steps
   _check_sampler(diffusion, num_kept, method, eta, order, spacing)
-  return respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
+  spaced, timesteps = respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
+  if method == analytic_dpm.METHOD:
+    spaced = analytic_dpm.with_variances(spaced, analytic_dpm.optimal_variances(diffusion, timesteps, gamma))
+  return spaced, timesteps
 
 
 def solver_plan(diffusion, num_steps, method, order, spacing):
@@ -274,7 +284,7 @@ def _sample_pmapped(model, params, diffusion, spaced, timesteps, rng, per_device
 
 def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_shape, *, first_index=0,
                    clip_denoised=True, num_steps=None, method="ancestral", eta=1.0, order=2, spacing="auto",
-                   progress=None):
+                   gamma=(), progress=None):
   """num_samples images [num_samples, H, W, C] from the chain, split over this host's local devices.
 
   params_replicated has a leading local-device axis. Sample i equals sample first_index + i of any other split.
@@ -286,7 +296,7 @@ def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_
   if method in solvers.METHODS:
     spaced, timesteps = solver_plan(diffusion, num_steps, method, order, spacing), None
   else:
-    spaced, timesteps = _respaced_chain(diffusion, num_steps, method, eta, order, spacing)
+    spaced, timesteps = _respaced_chain(diffusion, num_steps, method, eta, order, spacing, gamma)
   per_device = num_samples // n
   starts = first_index + per_device * jnp.arange(n)
   run = functools.partial(_sample_pmapped, model, params_replicated, diffusion, spaced, timesteps, rng,

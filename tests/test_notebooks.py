@@ -72,6 +72,10 @@ def test_quickstart_trains_and_draws_its_figures(tmp_path):
   assert samples.std() > 0  # 16 samples of 8×8 in a 4×4 grid, enlarged
   for name in ("loss", "progressive", "trajectory"):
     assert image(workdir / "figures" / f"{name}.png").size > 0, name
+  # Six samplers, a row of 8 each: ancestral, DDIM, Analytic-DPM, DPM-Solver++, SDE-DPM-Solver++, UniPC.
+  assert "row 6: UniPC, 5 network passes" in text
+  rows = image(workdir / "figures" / "samplers.png")
+  assert rows.shape[0] > rows.shape[1] / 2 and rows.std() > 0
   assert "to t = 45, 40, 35, 30, 25, 20, 15, 10, 5, 0" in text  # T = 50, a frame every 5 steps
 
 

@@ -10,9 +10,18 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers import DDPMScheduler
 
+from conftest import tiny_config
+from ddpm_jax import analytic_dpm
 from ddpm_jax import diffusion as dlib
+from ddpm_jax import images
+from ddpm_jax import input_pipeline
 from ddpm_jax import respacing
 from ddpm_jax import sampling
+from ddpm_jax import train_step
+from ddpm_jax.evaluation import samples
+from ddpm_jax.modes import sample as sample_mode
+from ddpm_jax.modes import train
+from ddpm_jax.sampler import Sampler
 
 T = 50
 SHAPE = (4, 4, 4, 1)
@@ -315,12 +324,6 @@ def test_bad_arguments_raise_one_line_errors():
 
 def test_sample_to_dir_uses_the_configured_sampler(tmp_path):
   """--mode=sample with sampling.num_steps/method/eta/clip_denoised: the chain asked for, in its own directory."""
-  from ddpm_jax.evaluation import samples
-  from ddpm_jax.modes import sample as sample_mode
-  from ddpm_jax import images
-  from ddpm_jax.modes import train
-  from ddpm_jax import train_step
-  from conftest import tiny_config
   config = tiny_config(num_train_steps=2)
   state = train.train_and_evaluate(config, str(tmp_path))
   config.sampling.num_samples = 8
@@ -335,5 +338,14 @@ def test_sample_to_dir_uses_the_configured_sampler(tmp_path):
                               method="ddim", eta=0.0, clip_denoised=False)
   got = samples.load_samples(out)
   assert np.abs(got.astype(int) - images.to_uint8(want).astype(int)).max() <= 1  # rounding at .5 may differ
+  # Analytic-DPM: the driver estimates E‖ε̂‖² on analytic_num_examples training examples before sampling.
+  config.sampling.method, config.sampling.analytic_num_examples = "analytic_dpm", 12
+  out = sample_mode.run(config, str(tmp_path))
+  assert out.endswith("samples/step_00000002_analytic_dpm5")
+  fitted = analytic_dpm.fit(Sampler(method="analytic_dpm", num_steps=5), sampling.unet_model_fn(model, state.ema_params),
+                            d, input_pipeline.make_source(config.data), num_examples=12, batch_size=8, seed=config.seed)
+  want = sampling.sample_loop(sampling.unet_model_fn(model, state.ema_params), d, rng, (8, 8, 8, 1), num_steps=5,
+                              method="analytic_dpm", gamma=fitted.gamma, clip_denoised=False)
+  assert np.abs(samples.load_samples(out).astype(int) - images.to_uint8(want).astype(int)).max() <= 1
   config.sampling.num_steps, config.sampling.method = 0, "ancestral"
   assert sample_mode.run(config, str(tmp_path)).endswith("samples/step_00000002")

@@ -4,8 +4,11 @@ import os
 
 import jax
 
+from ddpm_jax import analytic_dpm
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import images
+from ddpm_jax import input_pipeline
+from ddpm_jax import sampling
 from ddpm_jax import trained_params
 from ddpm_jax.evaluation import samples
 from ddpm_jax.sampler import Sampler
@@ -17,6 +20,11 @@ def write_samples(config, model, params, step, sampler, out_dir):
   The key is fold_in(seed, step): every sampler of one checkpoint starts from the same x_T per sample index.
   """
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  if sampler.method == analytic_dpm.METHOD:
+    sampler = analytic_dpm.fit(sampler, sampling.unet_model_fn(model, params), diffusion,
+                               input_pipeline.make_source(config.data),
+                               num_examples=config.sampling.analytic_num_examples,
+                               batch_size=config.sampling.batch_size, seed=config.seed)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
   return samples.write_sample_shards(model, params, diffusion, sampler, rng, config.sampling.num_samples,
                                      config.sampling.batch_size, images.image_shape(config.data), out_dir)
