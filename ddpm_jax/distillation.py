@@ -1,0 +1,118 @@
+"""Progressive distillation (Salimans & Ho 2022): the math of one round, for a discrete-time DDPM.
+
+A student takes one deterministic (DDIM, η = 0) step where its teacher takes two. Round after round the student of
+one round teaches the next, halving the number of steps. Here the steps of every round lie on one grid of the
+diffusion's integer timesteps, so each student's timesteps are every other one of its teacher's:
+
+    grid(T, n_0) = [−1, t_1, …, t_{n_0}],  t_k = round(k·T/n_0) − 1  (−1 stands for the data itself: α = 1, σ = 0),
+
+diffusers' 'trailing' timesteps, and a student of n steps uses grid[::n_0 // n] (the 'trailing' timesteps of n). With α_t = √ᾱ_t and σ_t = √(1 − ᾱ_t), a DDIM step from s to u given a
+prediction x̂ of the data is z_u = α_u x̂ + σ_u (z_s − α_s x̂)/σ_s. The student's target at z_t is the x̃ whose single
+DDIM step from t lands where the teacher's two steps t → t' → u land (z_u''):
+
+    x̃ = (z_u'' − (σ_u/σ_t) z_t) / (α_u − (σ_u/σ_t) α_t),
+
+and its loss is the squared error of its x̂ against x̃ weighted by max(α_t²/σ_t², 1) ('truncated SNR').
+
+Parameterisations of a network output as x̂ (PARAMETERIZATIONS): 'eps' (the DDPM teacher: x̂ = (z − σ ε̂)/α),
+'v' (x̂ = α z − σ v̂; stable at the high-noise steps where 'eps' divides by α ≈ 0), 'x' (x̂ itself).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import respacing
+
+PARAMETERIZATIONS = ("eps", "v", "x")
+
+
+def grid(num_timesteps, start_steps):
+  """int32 [start_steps + 1]: −1 (the data), then the 'trailing' timesteps of start_steps steps (respacing.py):
+  round(k·T/start_steps) − 1 for k = 1, …, start_steps. Every student's points are a subset (the same real numbers,
+  rounded alike), and a student of n steps samples as DDIM with spacing 'trailing' over n steps."""
+  if isinstance(start_steps, bool) or not isinstance(start_steps, (int, np.integer)) or not (
+      1 <= start_steps <= num_timesteps):
+    raise ValueError(f"distill.start_steps must be an int in [1, {num_timesteps}] (the diffusion's T), got "
+                     f"{start_steps!r}.")
+  return np.concatenate([[-1], respacing.chain_timesteps(num_timesteps, start_steps, "trailing")]).astype(np.int32)
+
+
+def student_grid(full_grid, steps):
+  """The [steps + 1] points of `full_grid` a student of `steps` steps uses: every (n_0 // steps)-th."""
+  start_steps = len(full_grid) - 1
+  if steps < 1 or start_steps % steps:
+    raise ValueError(f"a student of {steps} steps does not divide the grid of {start_steps}: the numbers of steps "
+                     "must halve from distill.start_steps (a power-of-two multiple of distill.end_steps).")
+  return full_grid[::start_steps // steps]
+
+
+def alpha_sigma(diffusion, t):
+  """(α_t, σ_t) for timesteps t (any shape; −1 = the data: (1, 0))."""
+  data = t < 0
+  index = jnp.maximum(t, 0)
+  alpha = jnp.where(data, 1.0, diffusion.sqrt_alphas_cumprod[index])
+  sigma = jnp.where(data, 0.0, diffusion.sqrt_one_minus_alphas_cumprod[index])
+  return alpha, sigma
+
+
+def _rows(values, x):
+  return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
+
+
+def to_x0(output, z, alpha, sigma, parameterization):
+  """The network's x̂ for output at z (alpha, sigma [B])."""
+  a, s = _rows(alpha, z), _rows(sigma, z)
+  if parameterization == "eps":
+    return (z - s * output) / a
+  if parameterization == "v":
+    return a * z - s * output
+  if parameterization == "x":
+    return output
+  raise ValueError(f"Unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}.")
+
+
+def ddim_step(x0, z, alpha_from, sigma_from, alpha_to, sigma_to):
+  """z_u = α_u x̂ + σ_u (z_s − α_s x̂)/σ_s: the deterministic DDIM step s → u (σ_s > 0; u may be the data)."""
+  eps = (z - _rows(alpha_from, z) * x0) / _rows(sigma_from, z)
+  return _rows(alpha_to, z) * x0 + _rows(sigma_to, z) * eps
+
+
+def target(teacher_x0, diffusion, z, t, t_mid, t_next):
+  """x̃ [B, …]: the x̂ whose one DDIM step t → t_next ends where the teacher's t → t_mid → t_next does.
+
+  teacher_x0(z, t) is the teacher's x̂ (clipped or not, as it samples); t, t_mid, t_next [B] with t > t_mid > t_next.
+  """
+  a_t, s_t = alpha_sigma(diffusion, t)
+  a_m, s_m = alpha_sigma(diffusion, t_mid)
+  a_n, s_n = alpha_sigma(diffusion, t_next)
+  z_mid = ddim_step(teacher_x0(z, t), z, a_t, s_t, a_m, s_m)
+  z_next = ddim_step(teacher_x0(z_mid, t_mid), z_mid, a_m, s_m, a_n, s_n)
+  ratio = s_n / s_t
+  return (z_next - _rows(ratio, z) * z) / _rows(a_n - ratio * a_t, z)
+
+
+def truncated_snr_weight(alpha, sigma):
+  """max(α²/σ², 1): the x-space loss weight of Salimans & Ho ('truncated SNR')."""
+  return jnp.maximum(jnp.square(alpha) / jnp.square(sigma), 1.0)
+
+
+def losses(student_x0, teacher_x0, diffusion, x_start, noise, step_index, points, midpoints):
+  """Per-example losses [B] of a round (points, midpoints: `round_points`): example b takes the student step from
+  points[i] to points[i − 1], i = step_index[b] in 1..n, against the teacher's two steps through midpoints[i].
+
+  student_x0(z, t) and teacher_x0(z, t) return x̂; x_start [B, …] in [−1, 1] and noise give z_t.
+  """
+  points, midpoints = jnp.asarray(points), jnp.asarray(midpoints)
+  t, t_mid, t_next = points[step_index], midpoints[step_index], points[step_index - 1]
+  a_t, s_t = alpha_sigma(diffusion, t)
+  z = _rows(a_t, x_start) * x_start + _rows(s_t, x_start) * noise
+  x_target = jax.lax.stop_gradient(target(teacher_x0, diffusion, z, t, t_mid, t_next))
+  err = jnp.mean(jnp.square(student_x0(z, t) - x_target), axis=tuple(range(1, x_start.ndim)))
+  return truncated_snr_weight(a_t, s_t) * err
+
+
+def round_points(full_grid, steps):
+  """(student points [steps + 1], teacher midpoints [steps + 1]) of a round distilling 2·steps into `steps`:
+  midpoint i lies between student points i − 1 and i (entry 0 unused)."""
+  teacher = student_grid(full_grid, 2 * steps)
+  return student_grid(full_grid, steps), np.concatenate([[-1], teacher[1::2]]).astype(np.int32)
