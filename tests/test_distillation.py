@@ -43,7 +43,7 @@ def test_grids_are_nested_and_end_at_the_data_and_at_t_max():
                                                                                                        "trailing"))
   with pytest.raises(ValueError, match="does not divide the grid of 8"):
     distillation.student_grid(g, 3)
-  with pytest.raises(ValueError, match="start_steps must be in"):
+  with pytest.raises(ValueError, match="start_steps must be an int in"):
     distillation.grid(T, 0)
 
 
