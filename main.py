@@ -1,4 +1,5 @@
-"""ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|eval|sweep]."""
+"""ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR
+[--mode=train|sample|eval|sweep|distill]."""
 import os
 import re
 import sys
@@ -12,9 +13,10 @@ from ddpm_jax import paths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep", "distill"],
                   "train: train (resuming if possible); sample: write samples; eval: FID, IS and bits/dim; "
-                  "sweep: FID against the number of sampling steps (eval.sweep_methods × eval.sweep_steps).")
+                  "sweep: FID against the number of sampling steps (eval.sweep_methods × eval.sweep_steps); "
+                  "distill: progressive distillation into few-step students (config.distill).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process GPU runs without SLURM.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 … num_processes − 1 (with --coordinator_address).")
@@ -49,6 +51,8 @@ def main(argv):
   import tensorflow as tf
   from ddpm_jax import checkpointing
   from ddpm_jax import cluster
+  from ddpm_jax import distillation
+  from ddpm_jax.modes import distill
   from ddpm_jax.modes import evaluate
   from ddpm_jax.modes import sample
   from ddpm_jax.modes import sweep
@@ -61,15 +65,20 @@ def main(argv):
   logging.info("JAX process %d of %d; local devices %s; %d devices in all.", jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
   logging.info("Config:\n%s", FLAGS.config)
+  config = FLAGS.config
+  if FLAGS.mode in ("sample", "eval", "sweep"):  # sampling.checkpoint = 'distill/<steps>': that round's student
+    config, workdir = distillation.student_run(config, workdir)
   try:
     if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, workdir)
+      train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "sample":
-      logging.info("Samples in %s", sample.run(FLAGS.config, workdir))
+      logging.info("Samples in %s", sample.run(config, workdir))
     elif FLAGS.mode == "eval":
-      evaluate.run(FLAGS.config, workdir)
+      evaluate.run(config, workdir)
+    elif FLAGS.mode == "distill":
+      distill.run(config, workdir)
     else:
-      sweep.run(FLAGS.config, workdir)
+      sweep.run(config, workdir)
   except checkpointing.SaveError as e:
     # Orbax's helper threads of the failed save wait minutes for a directory that will never appear; every earlier
     # checkpoint is complete on disk, so exit now instead of joining them.

@@ -70,7 +70,8 @@ def get_config():
   sampling.num_samples = 50_000  # --mode=sample writes this many images.
   sampling.batch_size = 256  # Global batch for sampling.
   sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] at each step (as the authors do).
-  sampling.checkpoint = "latest"  # --mode=sample/eval: "latest" checkpoint, or "best_fid" (see training.fid_every_steps).
+  # --mode=sample/eval: "latest" checkpoint, "best_fid" (see training.fid_every_steps), or "distill/<steps>" (a student).
+  sampling.checkpoint = "latest"
   sampling.num_steps = 0  # Reverse steps: 0 = all T (paper); fewer runs an evenly respaced subsequence (improved DDPM).
   sampling.method = "ancestral"  # 'ancestral' (paper's Algorithm 2), 'ddim' (Song et al. 2021) or 'analytic_dpm'.
   sampling.eta = 0.0  # DDIM noise scale (only for 'ddim'): 0 deterministic, 1 = ancestral with sigma^2 = beta-tilde.
@@ -97,5 +98,14 @@ def get_config():
   ev.figures_num_examples = 8  # Test images for the rate-distortion curve (paper: all; T passes each) and interpolations.
   ev.sweep_methods = ("ddim", "ancestral")  # --mode=sweep: samplers whose FID is plotted against the number of steps.
   ev.sweep_steps = (10, 20, 50, 100, 200, 1000)  # --mode=sweep: reverse steps per sample (each from 1 to T).
+
+  # --mode=distill (docs/distillation.md): progressive distillation (Salimans & Ho 2022) of the EMA params, in
+  # rounds that halve the number of deterministic sampling steps, each a training run in workdir/distill/<steps>.
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.start_steps = 512  # The first teacher: the trained model with this many DDIM steps ('trailing' timesteps).
+  distill.end_steps = 4  # The last student's steps; start_steps must be end_steps times a power of two.
+  distill.steps_per_round = 50_000  # Train steps per round (paper, CIFAR-10: 50k at batch 128).
+  distill.lr = 1e-4  # Adam's learning rate in each round (after optim.warmup_steps; the rest of config.optim).
+  distill.parameterization = "v"  # The students' output: 'v' (paper), 'x' or 'eps' (unstable at few steps).
 
   return config

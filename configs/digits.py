@@ -43,4 +43,9 @@ def get_config():
   config.eval.num_samples = 256  # FID of the demo against all 1797 digits (the chain is the slow part on a CPU).
   config.eval.bpd_num_examples = 64  # Bits/dim of the first 64 digits (digits has no test split).
   config.eval.bpd_batch_size = 64
+
+  config.distill.start_steps = 64  # 64-step DDIM → students of 32, 16, 8, 4 and 2 steps.
+  config.distill.end_steps = 2
+  config.distill.steps_per_round = 1000
+  config.distill.lr = 2e-4
   return config

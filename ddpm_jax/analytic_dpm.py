@@ -31,12 +31,12 @@ DATA_HALF_RANGE = 1.0  # (b − a)/2 for images scaled to [−1, 1]
 
 
 def _eps_from_output(diffusion, output, x_t, t):
-  """The network's ε̂ whatever it predicts (ε, x_0, or the x_{t−1} mean of an 'xprev' model); a learned variance is
-  ignored."""
+  """The network's ε̂ whatever it predicts (ε, x_0, v, or the x_{t−1} mean of an 'xprev' model); a learned variance
+  is ignored."""
   out, _ = diffusion.split_model_output(output)
   if diffusion.model_mean_type == "eps":
     return out
-  x0 = out if diffusion.model_mean_type == "xstart" else diffusion.predict_start_from_prev(x_t, t, out)
+  x0 = diffusion.predict_start(x_t, t, out)
   shape = (-1,) + (1,) * (x_t.ndim - 1)
   return ((x_t - diffusion.sqrt_alphas_cumprod[t].reshape(shape) * x0)
           / diffusion.sqrt_one_minus_alphas_cumprod[t].reshape(shape))

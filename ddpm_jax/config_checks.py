@@ -11,6 +11,7 @@ import difflib
 import functools
 import numbers
 import os
+import re
 import types
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ddpm_jax import devices
 
-MODES = ("train", "sample", "eval", "sweep")
+MODES = ("train", "sample", "eval", "sweep", "distill")
 
 
 def device_count_before_joining(coordinator_address=None):
@@ -90,6 +91,16 @@ def one_of(choices):
     close = difflib.get_close_matches(v.lower(), lower, n=1) if isinstance(v, str) else []
     return "unknown value" + (f" (did you mean {lower[close[0]]!r}?)" if close else "")
   return Rule(problem, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def checkpoint_choice():
+  """'latest', 'best_fid' or 'distill/<steps>' (a distilled student: modes/distill.py)."""
+  named = one_of(("latest", "best_fid"))
+  def problem(v):
+    if isinstance(v, str) and re.fullmatch(r"distill/[1-9][0-9]*", v):
+      return ""
+    return named.problem(v)
+  return Rule(problem, "'latest', 'best_fid', or 'distill/<steps>' (a student of --mode=distill)")
 
 
 def boolean():
@@ -175,7 +186,7 @@ def field_rules():
       "sampling.num_samples": integer(1),
       "sampling.batch_size": integer(1),
       "sampling.clip_denoised": boolean(),
-      "sampling.checkpoint": one_of(("latest", "best_fid")),
+      "sampling.checkpoint": checkpoint_choice(),
       "sampling.num_steps": integer(0, meaning="0 = all T"),
       "sampling.method": one_of(sampling.METHODS),
       "sampling.eta": number(0, meaning="0 = deterministic DDIM"),
@@ -193,6 +204,11 @@ def field_rules():
       "eval.figures_num_examples": integer(1),
       "eval.sweep_methods": sequence(one_of(sampling.METHODS), min_len=1),
       "eval.sweep_steps": sequence(integer(1), min_len=1, example="(10, 100, 1000)"),
+      "distill.start_steps": integer(2),
+      "distill.end_steps": integer(1),
+      "distill.steps_per_round": integer(1),
+      "distill.lr": number(0, lo_open=True),
+      "distill.parameterization": one_of(("v", "x", "eps")),
   }
 
 
@@ -279,7 +295,7 @@ def _reads_data(config, mode):
     return True
   if mode == "eval":
     return fid or _get(config, "eval.bpd_num_examples", 1) != 0 or _get(config, "eval.figures", True)
-  return mode == "train" or (mode == "sweep" and fid)
+  return mode in ("train", "distill") or (mode == "sweep" and fid)
 
 
 def _check_data(data):
@@ -367,4 +383,20 @@ def _check_sweep(config):
   return [("sampling.batch_size", config.sampling.batch_size)]
 
 
-_MODE_CHECKS = dict(train=_check_train, sample=_check_sample, eval=_check_eval, sweep=_check_sweep)
+def _check_distill(config):
+  """The rounds (modes/distill.py), the first teacher's grid, and each round's training (train's own rules)."""
+  from ddpm_jax import distillation  # pylint: disable=g-import-not-at-top
+  d = config.distill
+  try:
+    distillation.round_steps(d.start_steps, d.end_steps)
+  except ValueError:
+    _fail("distill.start_steps", d.start_steps, f"not distill.end_steps = {d.end_steps} times a power of two (≥ 2)",
+          "e.g. 64 with end_steps 4")
+  if d.start_steps > config.diffusion.num_timesteps:
+    _fail("distill.start_steps", d.start_steps, f"more than the diffusion's T = {config.diffusion.num_timesteps}",
+          f"at most {config.diffusion.num_timesteps}")
+  return _check_train(distillation.round_config(config))
+
+
+_MODE_CHECKS = dict(train=_check_train, sample=_check_sample, eval=_check_eval, sweep=_check_sweep,
+                    distill=_check_distill)

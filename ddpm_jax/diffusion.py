@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MEAN_TYPES = ("eps", "xstart", "xprev")
+MEAN_TYPES = ("eps", "xstart", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "kl", "hybrid")
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "cosine")
@@ -91,7 +91,8 @@ class GaussianDiffusion:
   Build it as GaussianDiffusion(betas, model_mean_type, model_var_type, loss_type); the per-timestep tables after
   the `_` marker are computed from the betas (they are fields only so that JAX can rebuild the pytree).
 
-  model_mean_type: what the network predicts — 'eps' (ε, the paper), 'xstart' (x0) or 'xprev' (μ̃ directly).
+  model_mean_type: what the network predicts — 'eps' (ε, the paper), 'xstart' (x0), 'xprev' (μ̃ directly) or 'v'
+  (√ᾱ ε − √(1 − ᾱ) x0, Salimans & Ho 2022: the distilled students of modes/distill.py).
   model_var_type: 'fixedlarge' (σ² = β_t, with t = 0 using β̃_1 like the authors), 'fixedsmall' (σ² = β̃_t),
     'learned' (the network also outputs log σ²) or 'learned_range' (improved DDPM: it outputs v ∈ [-1, 1]
     interpolating log β̃_t … log β_t).
@@ -199,6 +200,16 @@ class GaussianDiffusion:
     """The x_0 whose posterior mean given x_t is x_prev."""
     return (x_prev - _bcast(self.posterior_mean_coef2, t, x_t) * x_t) / _bcast(self.posterior_mean_coef1, t, x_t)
 
+  def predict_start(self, x_t, t, out):
+    """x̂_0 from the mean part of a network output, whatever model_mean_type it predicts."""
+    if self.model_mean_type == "eps":
+      return self.predict_start_from_noise(x_t, t, out)
+    if self.model_mean_type == "xstart":
+      return out
+    if self.model_mean_type == "v":  # x0 = √ᾱ x_t − √(1 − ᾱ) v
+      return _bcast(self.sqrt_alphas_cumprod, t, x_t) * x_t - _bcast(self.sqrt_one_minus_alphas_cumprod, t, x_t) * out
+    return self.predict_start_from_prev(x_t, t, out)
+
   # ---- reverse process p ----
   def split_model_output(self, model_output):
     """(mean part, variance part or None): a learned-variance network outputs 2C channels, mean part first."""
@@ -225,8 +236,7 @@ class GaussianDiffusion:
       pred_xstart = maybe_clip(self.predict_start_from_prev(x_t, t, out))
       mean = out
     else:
-      pred_xstart = out if self.model_mean_type == "xstart" else self.predict_start_from_noise(x_t, t, out)
-      pred_xstart = maybe_clip(pred_xstart)
+      pred_xstart = maybe_clip(self.predict_start(x_t, t, out))
       mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
     return dict(mean=mean, variance=jnp.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart)
 
@@ -261,8 +271,12 @@ class GaussianDiffusion:
       terms["vb"], _ = self.vb_terms_bpd(model_output, x_start, x_t, t)
       return terms["vb"], terms
     mean_out, var_out = self.split_model_output(model_output)
-    target = {"eps": noise, "xstart": x_start,
-              "xprev": self.q_posterior_mean_variance(x_start, x_t, t)[0]}[self.model_mean_type]
+    if self.model_mean_type == "v":
+      target = (_bcast(self.sqrt_alphas_cumprod, t, x_start) * noise
+                - _bcast(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+    else:
+      target = {"eps": noise, "xstart": x_start,
+                "xprev": self.q_posterior_mean_variance(x_start, x_t, t)[0]}[self.model_mean_type]
     terms["mse"] = mean_flat(jnp.square(target - mean_out))
     loss = terms["mse"]
     if self.loss_type == "hybrid":

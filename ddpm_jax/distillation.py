@@ -17,6 +17,10 @@ and its loss is the squared error of its x̂ against x̃ weighted by max(α_t²/
 Parameterisations of a network output as x̂ (PARAMETERIZATIONS): 'eps' (the DDPM teacher: x̂ = (z − σ ε̂)/α),
 'v' (x̂ = α z − σ v̂; stable at the high-noise steps where 'eps' divides by α ≈ 0), 'x' (x̂ itself).
 """
+import copy
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +39,46 @@ def grid(num_timesteps, start_steps):
     raise ValueError(f"distill.start_steps must be an int in [1, {num_timesteps}] (the diffusion's T), got "
                      f"{start_steps!r}.")
   return np.concatenate([[-1], respacing.chain_timesteps(num_timesteps, start_steps, "trailing")]).astype(np.int32)
+
+
+def round_steps(start_steps, end_steps):
+  """The students' step counts, one per round: start_steps / 2, / 4, …, end_steps."""
+  ratio = start_steps // end_steps if end_steps >= 1 and start_steps % end_steps == 0 else 0
+  if ratio < 2 or ratio & (ratio - 1):
+    raise ValueError(f"distill.start_steps = {start_steps} must be distill.end_steps = {end_steps} times a power of "
+                     "two (at least 2): e.g. start_steps 64 and end_steps 4.")
+  return [start_steps >> k for k in range(1, ratio.bit_length())]
+
+
+def round_config(config):
+  """The training config of one round: distill's length and learning rate; no sample grids or FID on the way (the
+  paper's chain is not the student's sampler)."""
+  c = copy.deepcopy(config)
+  c.training.num_train_steps = config.distill.steps_per_round
+  c.optim.lr = config.distill.lr
+  c.training.sample_every_steps = 0
+  c.training.fid_every_steps = 0
+  return c
+
+
+# A student's parameterization as the diffusion's model_mean_type, for sampling it.
+STUDENT_MEAN_TYPE = dict(v="v", x="xstart", eps="eps")
+CHECKPOINT_PREFIX = "distill/"  # sampling.checkpoint = 'distill/<steps>': the student of that round
+
+
+def student_run(config, workdir):
+  """(config, workdir) that sample a student when config.sampling.checkpoint is 'distill/<steps>': the round's
+  directory and latest checkpoint, its parameterization as diffusion.model_mean_type, and its own sampler (<steps>
+  DDIM steps, η = 0, on the 'trailing' timesteps it was trained on). Any other config is returned as it is."""
+  choice = config.sampling.checkpoint
+  if not choice.startswith(CHECKPOINT_PREFIX):
+    return config, workdir
+  steps = int(choice[len(CHECKPOINT_PREFIX):])
+  c = copy.deepcopy(config)
+  c.sampling.checkpoint = "latest"
+  c.diffusion.model_mean_type = STUDENT_MEAN_TYPE[config.distill.parameterization]
+  c.sampling.method, c.sampling.num_steps, c.sampling.eta, c.sampling.spacing = "ddim", steps, 0.0, "trailing"
+  return c, os.path.join(workdir, "distill", str(steps))
 
 
 def student_grid(full_grid, steps):
@@ -116,3 +160,35 @@ def round_points(full_grid, steps):
   midpoint i lies between student points i − 1 and i (entry 0 unused)."""
   teacher = student_grid(full_grid, 2 * steps)
   return student_grid(full_grid, steps), np.concatenate([[-1], teacher[1::2]]).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundLoss:
+  """train_step's objective for one round: objective_args = (teacher params, points, midpoints) (`round_points`).
+
+  Each example draws its student step i ∈ 1..n and its noise from its own key (as the paper's loss draws t and ε),
+  is noised to points[i] and is trained toward the teacher's two-step target with the truncated-SNR weight. The
+  teacher runs in inference mode (no dropout); the student in training mode. Hashable, so that
+  train_step.pmapped_train_steps caches one compiled step per kind of round.
+  """
+  student: str = "v"  # the student's parameterization (PARAMETERIZATIONS)
+  teacher: str = "eps"  # the teacher's: the trained DDPM's in round 1, then the student's of the round before
+  clip_teacher: bool = True  # clip the teacher's x̂ to [−1, 1], as the sampling chains do
+
+  def __call__(self, model, params, batch, example_keys, dropout_rng, diffusion, objective_args):
+    teacher_params, points, midpoints = objective_args
+    n = points.shape[0] - 1
+    step_index = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 1, n + 1))(example_keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:], batch.dtype))(
+        example_keys)
+
+    def x0_of(network_params, parameterization, clip, **apply_kwargs):
+      def x0(z, t):
+        out = model.apply({"params": network_params}, z, t, **apply_kwargs)
+        x = to_x0(out, z, *alpha_sigma(diffusion, t), parameterization)
+        return jnp.clip(x, -1.0, 1.0) if clip else x
+      return x0
+
+    teacher = x0_of(teacher_params, self.teacher, self.clip_teacher, train=False)
+    student = x0_of(params, self.student, False, train=True, rngs={"dropout": dropout_rng})
+    return jnp.mean(losses(student, teacher, diffusion, batch, noise, step_index, points, midpoints))

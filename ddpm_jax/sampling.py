@@ -61,12 +61,7 @@ def ddim_step(diffusion, model_output, x_t, t, noise, *, eta=0.0, clip_denoised=
   improved DDPM does). A learned variance is ignored. An 'xprev' output is read as one step of `diffusion` itself.
   """
   out, _ = diffusion.split_model_output(model_output)
-  if diffusion.model_mean_type == "eps":
-    pred_xstart = diffusion.predict_start_from_noise(x_t, t, out)
-  elif diffusion.model_mean_type == "xstart":
-    pred_xstart = out
-  else:
-    pred_xstart = diffusion.predict_start_from_prev(x_t, t, out)
+  pred_xstart = diffusion.predict_start(x_t, t, out)
   if clip_denoised:
     pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
   if diffusion.model_mean_type == "eps" and not clip_denoised:

@@ -336,10 +336,10 @@ def run(model_fn, diffusion, x_T, plan, *, method, noise_fn=None, clip_denoised=
     out, _ = diffusion.split_model_output(model_fn(x, t))
     if diffusion.model_mean_type == "eps":
       x0 = (x - sigma * out) / alpha  # diffusers' order of operations
-    elif diffusion.model_mean_type == "xstart":
-      x0 = out
+    elif diffusion.model_mean_type == "v":
+      x0 = alpha * x - sigma * out  # diffusers' order of operations
     else:
-      x0 = diffusion.predict_start_from_prev(x, t, out)
+      x0 = diffusion.predict_start(x, t, out)
     return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
 
   def combine(weights, ms):

@@ -60,23 +60,32 @@ def create_train_state(rng, model, tx, image_shape):
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
 
 
-def train_step(state, batch, slots, *, model, diffusion, tx, schedule, ema_decay, rng):
+def paper_loss(model, params, batch, example_keys, dropout_rng, diffusion, objective_args=None):
+  """The batch's mean loss of the paper (diffusion.training_losses: L_simple, or the configured KL/hybrid): t and ε
+  of each example drawn from its key. train_step's default objective; objective_args is unused."""
+  del objective_args
+  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, diffusion.num_timesteps))(example_keys)
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:], batch.dtype))(example_keys)
+  model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, train=True, rngs={"dropout": dropout_rng})
+  losses, _ = diffusion.training_losses(model_fn, batch, t, noise)
+  return jnp.mean(losses)
+
+
+def train_step(state, batch, slots, *, model, diffusion, tx, schedule, ema_decay, rng, objective=paper_loss,
+               objective_args=None):
   """One step on this device's batch [b, H, W, C]; `slots` [b] are the examples' positions in the global batch.
 
-  t and ε of an example are drawn from a key folded from (rng, step, slot), so they do not depend on how the global
-  batch is split over devices and hosts; dropout masks use the device's first slot. Gradients and metrics are
-  averaged over the 'batch' axis (all devices of all hosts).
+  Each example's randomness (t and ε for the paper's loss) comes from a key folded from (rng, step, slot), so it
+  does not depend on how the global batch is split over devices and hosts; dropout masks use the device's first
+  slot. Gradients and metrics are averaged over the 'batch' axis (all devices of all hosts).
+
+  objective(model, params, batch, example_keys, dropout_rng, diffusion, objective_args) → the batch's mean loss:
+  the paper's by default, or another trained the same way (distillation.RoundLoss, its teacher in objective_args).
   """
   example_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step))
   example_keys = jax.vmap(lambda s: jax.random.fold_in(example_rng, s))(slots)
-  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, diffusion.num_timesteps))(example_keys)
-  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:], batch.dtype))(example_keys)
   dropout_rng = jax.random.fold_in(dropout_rng, slots[0])
-
-  def loss_fn(params):
-    model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, train=True, rngs={"dropout": dropout_rng})
-    losses, _ = diffusion.training_losses(model_fn, batch, t, noise)
-    return jnp.mean(losses)
+  loss_fn = lambda params: objective(model, params, batch, example_keys, dropout_rng, diffusion, objective_args)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   grads = jax.lax.pmean(grads, axis_name="batch")
@@ -113,18 +122,23 @@ def train_steps(state, batches, slots, **kwargs):
 
 
 @functools.lru_cache(maxsize=4)
-def pmapped_train_steps(model, optim_items):
-  """train_steps pmapped over all devices, state donated: fn(state, batches, slots, diffusion, rng).
+def pmapped_train_steps(model, optim_items, objective=paper_loss):
+  """train_steps pmapped over all devices, state donated: fn(state, batches, slots, diffusion, rng), and with an
+  objective other than the paper's, fn(state, batches, slots, diffusion, rng, objective_args).
 
-  Cached on (model, optimizer settings) so that another run in the same process (a notebook, the tests) reuses
-  the compiled step; the diffusion and rng are arguments, not constants, for the same reason.
+  Cached on (model, optimizer settings, objective) so that another run in the same process (a notebook, the tests)
+  reuses the compiled step; the diffusion, rng and objective_args are arguments, not constants, for the same reason.
   """
   optim_config = dict(optim_items)
   tx, schedule = create_optimizer(ml_collections.ConfigDict(optim_config))
-  def fn(state, batches, slots, diffusion, rng):
+  def fn(state, batches, slots, diffusion, rng, objective_args=None):
     return train_steps(state, batches, slots, model=model, diffusion=diffusion, tx=tx, schedule=schedule,
-                       ema_decay=optim_config["ema_decay"], rng=rng)
-  return jax.pmap(fn, axis_name="batch", in_axes=(0, 0, 0, None, None), donate_argnums=(0,))
+                       ema_decay=optim_config["ema_decay"], rng=rng, objective=objective,
+                       objective_args=objective_args)
+  if objective is paper_loss:
+    paper = lambda state, batches, slots, diffusion, rng: fn(state, batches, slots, diffusion, rng)
+    return jax.pmap(paper, axis_name="batch", in_axes=(0, 0, 0, None, None), donate_argnums=(0,))
+  return jax.pmap(fn, axis_name="batch", in_axes=(0, 0, 0, None, None, None), donate_argnums=(0,))
 
 
 _COMPILED = collections.OrderedDict()  # (pmapped fn, argument shapes and devices) → executable; the newest few

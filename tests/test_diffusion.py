@@ -44,7 +44,7 @@ def test_unknown_schedule_and_types_raise_one_line_errors():
   with pytest.raises(ValueError, match="Unknown beta schedule 'lin'"):
     dlib.get_beta_schedule("lin")
   betas = dlib.get_beta_schedule("linear", num_timesteps=10)
-  for kw, msg in [(dict(model_mean_type="v"), "model_mean_type"), (dict(model_var_type="big"), "model_var_type"),
+  for kw, msg in [(dict(model_mean_type="vee"), "model_mean_type"), (dict(model_var_type="big"), "model_var_type"),
                   (dict(loss_type="l1"), "loss_type"),
                   (dict(model_var_type="learned", loss_type="mse"), "cannot train a learned variance"),
                   (dict(loss_type="hybrid"), "needs a learned variance")]:
@@ -116,6 +116,22 @@ def test_predict_start_inverts_q_sample():
   np.testing.assert_allclose(d.predict_start_from_noise(xt, t, eps), x0, atol=2e-4)
   x_prev, _, _ = d.q_posterior_mean_variance(x0, xt, t)
   np.testing.assert_allclose(d.predict_start_from_prev(xt, t, x_prev)[:3], x0[:3], atol=1e-4)
+
+
+def test_v_prediction_recovers_the_data_and_trains_on_v():
+  """model_mean_type 'v' (the distilled students): v = √ᾱ ε − √(1 − ᾱ) x0 gives x0 back, and is the loss's target."""
+  d = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", num_timesteps=T), "v")
+  x0 = jax.random.uniform(jax.random.PRNGKey(0), (4, 4, 4, 1), minval=-1, maxval=1)
+  eps = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  t = jnp.array([0, 10, 500, 999])
+  ac = np.cumprod(1.0 - dlib.get_beta_schedule("linear", num_timesteps=T).astype(np.float64))[np.asarray(t)]
+  v = np.sqrt(ac)[:, None, None, None] * eps - np.sqrt(1.0 - ac)[:, None, None, None] * x0
+  xt = d.q_sample(x0, t, eps)
+  np.testing.assert_allclose(d.predict_start(xt, t, jnp.asarray(v, jnp.float32)), x0, atol=1e-5)  # no 1/√ᾱ here
+  loss, _ = d.training_losses(lambda x, tt: jnp.asarray(v, jnp.float32), x0, t, eps)
+  np.testing.assert_allclose(loss, 0.0, atol=1e-10)
+  loss, _ = d.training_losses(lambda x, tt: jnp.zeros_like(x), x0, t, eps)
+  np.testing.assert_allclose(loss, np.mean(v**2, axis=(1, 2, 3)), rtol=1e-5)
 
 
 def test_discretized_likelihood_sums_to_one_over_256_bins():

@@ -31,6 +31,8 @@ MODE_SHORT = dict(
           "--config.eval.ref_stats=runs/ref_stats.npz"),
     sweep=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.inception_batch_size=8",
            "--config.eval.sweep_steps=(5,)", "--config.eval.ref_stats=runs/ref_stats.npz"),
+    # One round (8 → 4 steps) of two train steps, so that the documented distill/4 student exists.
+    distill=("--config.distill.start_steps=8", "--config.distill.end_steps=4", "--config.distill.steps_per_round=2"),
 )
 
 
@@ -94,7 +96,7 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
     _run(project, [sys.executable, "main.py"] + shown, "--config.training.num_train_steps=6")
     modes.add(next((a.split("=", 1)[1] for a in shown if a.startswith("--mode=")), "train"))
     print(f"ran {path}: python {' '.join(shown)}")
-  assert {"train", "sample", "eval", "sweep"} <= modes
+  assert {"train", "sample", "eval", "sweep", "distill"} <= modes
   sample_dir = workdir / "samples" / "step_00000006"  # the paper's sampler's; the solvers' have their own
   samples = np.concatenate([np.load(p)["arr_0"] for p in sorted(glob.glob(str(sample_dir / "samples_*.npz")))])
   assert samples.shape == (6, 8, 8, 1) and samples.dtype == np.uint8 and samples.std() > 0
@@ -104,6 +106,8 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
   assert digits["num_samples"] == 8 and 0 <= digits["confident_share"] <= 1 and digits["classifier_accuracy"] > 0.9
   assert sum(digits["predicted_counts"]) == 8 and digits["floor_fid"] > 0
   assert glob.glob(str(workdir / "eval" / "sweep_step_00000006.json"))
+  student = glob.glob(str(workdir / "distill" / "4" / "samples" / "step_00000002_ddim4_eta0.0_trailing" / "*.npz"))
+  assert student and np.concatenate([np.load(p)["arr_0"] for p in student]).shape == (6, 8, 8, 1)
 
 
 def test_the_converter_help_runs_from_the_project_root(project):

@@ -68,9 +68,12 @@ def check_workdir_config(config, workdir):
       raise ValueError(f"cannot write to workdir {workdir} ({e}); choose a writable --workdir.") from None
 
 
-def _restore_or_init(config, model, tx, checkpointer, rng):
-  """The state of the newest readable checkpoint in checkpointer, or fresh params if there is none."""
+def _restore_or_init(config, model, tx, checkpointer, rng, init_params=None):
+  """The state of the newest readable checkpoint in checkpointer, or else fresh params (init_params, if given: EMA
+  equal to them and a fresh optimizer state)."""
   state = train_step.create_train_state(rng, model, tx, images.image_shape(config.data))
+  if init_params is not None:
+    state = state.replace(params=init_params, ema_params=init_params, opt_state=tx.init(init_params))
   restored = checkpointer.restore(checkpointing.abstract_like(state))
   return state if restored is None else restored[0]
 
@@ -165,11 +168,14 @@ class _SampleGridsAndFid:
       self.fid.wait()
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, *, init_params=None, objective=train_step.paper_loss, objective_args=None):
   """Trains config's model in workdir, resuming from the latest checkpoint there; returns the final state.
 
   SIGTERM/SIGINT: finish the current step, save, return. Non-finite loss or gradients: the step is skipped; the
   run stops with an error at the next summary unless training.skip_nonfinite_steps.
+
+  The paper's training by default; a distillation round (modes/distill.py) starts from init_params instead of a
+  random init and trains `objective` (train_step.train_step) with objective_args.
   """
   config_checks.validate(config, "train", jax.device_count())  # before anything is compiled or written
   model = train_step.create_model(config)
@@ -180,11 +186,12 @@ def train_and_evaluate(config, workdir):
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   t_cfg, k = config.training, config.training.steps_per_dispatch
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t_cfg.keep_checkpoints) as ckpt:
-    state = _restore_or_init(config, model, tx, ckpt, init_rng)
+    state = _restore_or_init(config, model, tx, ckpt, init_rng, init_params)
     step = int(state.step)
     logging.info("Starting at step %d of %d.", step, t_cfg.num_train_steps)
     writer = _open_writer(config, workdir, step)
-    p_train_steps = train_step.pmapped_train_steps(model, tuple(sorted(config.optim.items())))
+    p_train_steps = train_step.pmapped_train_steps(model, tuple(sorted(config.optim.items())), objective)
+    extra = () if objective is train_step.paper_loss else (objective_args,)
     batches, slots = _host_data(config, step)
     state = flax.jax_utils.replicate(state)
     evaluations = _SampleGridsAndFid(config, workdir, model, diffusion, sample_rng, writer)
@@ -195,8 +202,8 @@ def train_and_evaluate(config, workdir):
       while step < t_cfg.num_train_steps:
         chunk = np.stack([next(batches) for _ in range(k)], axis=1)  # [devices, k, b, H, W, C]
         if run_steps is None:
-          run_steps = train_step.compiled_train_steps(p_train_steps, state, chunk, slots, diffusion, train_rng)
-        state, metrics = run_steps(state, chunk, slots, diffusion, train_rng)
+          run_steps = train_step.compiled_train_steps(p_train_steps, state, chunk, slots, diffusion, train_rng, *extra)
+        state, metrics = run_steps(state, chunk, slots, diffusion, train_rng, *extra)
         ckpt.raise_if_save_failed()  # a broken disk stops the run now, not at the next save
         step += k
         summaries.add(metrics)

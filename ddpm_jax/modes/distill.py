@@ -1,0 +1,53 @@
+"""--mode=distill: progressive distillation (Salimans & Ho 2022) of the run's EMA params, round after round.
+
+Round n (n = distill.start_steps / 2, /4, …, distill.end_steps) trains a student of n steps toward its teacher's 2n
+steps (distillation.py) in WORKDIR/distill/<n>/: a training run of its own (modes/train.py: pmap, EMA, Orbax
+checkpoints, data position, preemption and bit-exact resume), whose student starts from the teacher's params. The
+first teacher is the EMA model of config.sampling.checkpoint (or config.restore_from) taking DDIM steps; each later
+one is the EMA student of the round before. A rerun skips finished rounds and resumes the unfinished one.
+"""
+import logging
+import os
+
+import jax
+
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import distillation
+from ddpm_jax import trained_params
+
+# The trained DDPM's output as a parameterization of x̂ (the first teacher's).
+_TEACHER_PARAMETERIZATION = dict(eps="eps", xstart="x", v="v")
+
+
+def round_dir(workdir, steps):
+  return os.path.join(workdir, "distill", str(steps))
+
+
+def run(config, workdir):
+  """Runs (or resumes) every round; returns {steps: the student's final TrainState}."""
+  from ddpm_jax.modes import train  # pylint: disable=g-import-not-at-top  # TensorFlow: not for config_checks
+  d = config.distill
+  schedule = distillation.round_steps(d.start_steps, d.end_steps)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  if diffusion.learns_variance or diffusion.model_mean_type not in _TEACHER_PARAMETERIZATION:
+    raise ValueError(f"--mode=distill needs a model predicting ε or x_0 with a fixed variance, not "
+                     f"{diffusion.model_mean_type!r} / {diffusion.model_var_type!r}.")
+  full_grid = distillation.grid(diffusion.num_timesteps, d.start_steps)
+  _, teacher, step = trained_params.load(config, workdir)
+  logging.info("Distilling the EMA params of step %d: %d-step DDIM, then students of %s steps.", step,
+               d.start_steps, ", ".join(map(str, schedule)))
+  teacher_parameterization = _TEACHER_PARAMETERIZATION[diffusion.model_mean_type]
+  students = {}
+  for steps in schedule:
+    objective = distillation.RoundLoss(student=d.parameterization, teacher=teacher_parameterization,
+                                       clip_teacher=bool(config.sampling.clip_denoised))
+    points, midpoints = distillation.round_points(full_grid, steps)
+    logging.info("Round %d → %d steps in %s", 2 * steps, steps, round_dir(workdir, steps))
+    state = train.train_and_evaluate(distillation.round_config(config), round_dir(workdir, steps), init_params=teacher,
+                                     objective=objective, objective_args=(teacher, points, midpoints))
+    students[steps] = state
+    if int(state.step) < d.steps_per_round:  # stopped on request (SIGTERM): the rerun resumes this round
+      break
+    # Host copies: the compiled round step takes its broadcast arguments uncommitted (as Orbax restores them).
+    teacher, teacher_parameterization = jax.device_get(state.ema_params), d.parameterization
+  return students
