@@ -78,7 +78,12 @@ def student_run(config, workdir):
   c.sampling.checkpoint = "latest"
   c.diffusion.model_mean_type = STUDENT_MEAN_TYPE[config.distill.parameterization]
   c.sampling.method, c.sampling.num_steps, c.sampling.eta, c.sampling.spacing = "ddim", steps, 0.0, "trailing"
-  return c, os.path.join(workdir, "distill", str(steps))
+  return c, round_dir(workdir, steps)
+
+
+def round_dir(workdir, steps):
+  """WORKDIR/distill/<steps>: the round that trains the student of `steps` steps (a workdir of its own)."""
+  return os.path.join(workdir, "distill", str(steps))
 
 
 def student_grid(full_grid, steps):

@@ -7,7 +7,6 @@ first teacher is the EMA model of config.sampling.checkpoint (or config.restore_
 one is the EMA student of the round before. A rerun skips finished rounds and resumes the unfinished one.
 """
 import logging
-import os
 
 import jax
 
@@ -17,10 +16,6 @@ from ddpm_jax import trained_params
 
 # The trained DDPM's output as a parameterization of x̂ (the first teacher's).
 _TEACHER_PARAMETERIZATION = dict(eps="eps", xstart="x", v="v")
-
-
-def round_dir(workdir, steps):
-  return os.path.join(workdir, "distill", str(steps))
 
 
 def run(config, workdir):
@@ -42,8 +37,8 @@ def run(config, workdir):
     objective = distillation.RoundLoss(student=d.parameterization, teacher=teacher_parameterization,
                                        clip_teacher=bool(config.sampling.clip_denoised))
     points, midpoints = distillation.round_points(full_grid, steps)
-    logging.info("Round %d → %d steps in %s", 2 * steps, steps, round_dir(workdir, steps))
-    state = train.train_and_evaluate(distillation.round_config(config), round_dir(workdir, steps), init_params=teacher,
+    logging.info("Round %d → %d steps in %s", 2 * steps, steps, distillation.round_dir(workdir, steps))
+    state = train.train_and_evaluate(distillation.round_config(config), distillation.round_dir(workdir, steps), init_params=teacher,
                                      objective=objective, objective_args=(teacher, points, midpoints))
     students[steps] = state
     if int(state.step) < d.steps_per_round:  # stopped on request (SIGTERM): the rerun resumes this round
