@@ -1,5 +1,5 @@
 """ddpm-jax entry point: python main.py --config=configs/cifar10.py --workdir=DIR
-[--mode=train|sample|eval|sweep|distill]."""
+[--mode=train|sample|eval|sweep|distill|edit]."""
 import os
 import re
 import sys
@@ -13,10 +13,11 @@ from ddpm_jax import paths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep", "distill"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep", "distill", "edit"],
                   "train: train (resuming if possible); sample: write samples; eval: FID, IS and bits/dim; "
                   "sweep: FID against the number of sampling steps (eval.sweep_methods × eval.sweep_steps); "
-                  "distill: progressive distillation into few-step students (config.distill).")
+                  "distill: progressive distillation into few-step students (config.distill); "
+                  "edit: inpaint or SDEdit images with the trained model (config.edit).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process GPU runs without SLURM.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 … num_processes − 1 (with --coordinator_address).")
@@ -53,6 +54,7 @@ def main(argv):
   from ddpm_jax import cluster
   from ddpm_jax import distillation
   from ddpm_jax.modes import distill
+  from ddpm_jax.modes import edit
   from ddpm_jax.modes import evaluate
   from ddpm_jax.modes import sample
   from ddpm_jax.modes import sweep
@@ -66,7 +68,7 @@ def main(argv):
                jax.process_count(), jax.local_devices(), jax.device_count())
   logging.info("Config:\n%s", FLAGS.config)
   config = FLAGS.config
-  if FLAGS.mode in ("sample", "eval", "sweep"):  # sampling.checkpoint = 'distill/<steps>': that round's student
+  if FLAGS.mode in ("sample", "eval", "sweep", "edit"):  # sampling.checkpoint = 'distill/<steps>': that round's student
     config, workdir = distillation.student_run(config, workdir)
   try:
     if FLAGS.mode == "train":
@@ -77,6 +79,8 @@ def main(argv):
       evaluate.run(config, workdir)
     elif FLAGS.mode == "distill":
       distill.run(config, workdir)
+    elif FLAGS.mode == "edit":
+      logging.info("Edits in %s", edit.run(config, workdir))
     else:
       sweep.run(config, workdir)
   except checkpointing.SaveError as e:

@@ -93,6 +93,7 @@ def tiny_run(tmp):
   config.training.checkpoint_every_steps, config.training.sample_every_steps = 2, 0
   config.training.log_every_steps, config.training.fid_every_steps = 1, 0
   config.eval.inception_batch_size = 16
+  config.sampling.analytic_num_examples = 64  # Analytic-DPM's E‖ε̂‖² on 64 digits, not 1,000: a smoke test
   workdir = os.path.join(tmp, "run")
   train.train_and_evaluate(config, workdir)
   # All 1,797 digits through Inception take minutes: the reference is 16 of them, written as a stats file.

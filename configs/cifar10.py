@@ -19,6 +19,7 @@ def get_config():
   data.data_dir = ""  # tfds data_dir ('' = tfds' default, ~/tensorflow_datasets); may be gs://.
   data.path = ""  # Folder or .npz file (source='folder' or 'npz').
   data.image_key = "image"  # Feature holding the image in tfds examples.
+  data.label_key = "label"  # Feature holding the class in tfds examples (read only when model.num_classes > 0).
   data.image_size = 32  # Height = width the model sees; folders are resized and center-cropped to it.
   data.channels = 3  # 3 for RGB, 1 for grayscale (kept as one channel).
   data.random_flip = True  # Random horizontal flips (paper: on for CIFAR-10).
@@ -33,6 +34,8 @@ def get_config():
   model.resamp_with_conv = True  # Strided conv downsampling / conv after nearest upsampling.
   model.dtype = "float32"  # Activation dtype; 'bfloat16' on TPU/GPU keeps params and optimizer in float32.
   model.remat = False  # Recompute each res block's activations in the backward pass: less memory, more compute.
+  model.num_classes = 0  # Class-conditional U-Net with this many classes (0 = unconditional, the paper's model).
+  model.class_dropout = 0.0  # Share of training labels dropped to "null" (classifier-free guidance; 0.1 is usual).
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = "linear"  # 'linear' (paper), 'quad', 'const', 'jsd', 'cosine'.
@@ -84,6 +87,11 @@ def get_config():
   # method 'analytic_dpm': the ancestral chain with Analytic-DPM's optimal variances (Bao et al. 2022), estimated
   # before sampling from E|eps_hat|^2 on this many training examples at each of the chain's timesteps.
   sampling.analytic_num_examples = 1000
+  # Class-conditional models (model.num_classes > 0): classifier-free guidance eps = (1 + w) eps(x, c) - w eps(x, null)
+  # with w = guidance_scale (0 = the conditional model alone), and the label of each sample: () = every class in
+  # turn (sample i gets class i mod num_classes), or a tuple of labels cycled the same way, e.g. (3,) for only threes.
+  sampling.guidance_scale = 0.0
+  sampling.labels = ()
 
   # --mode=eval (docs/evaluation.md): the paper's Table 1 protocol.
   config.eval = ev = ml_collections.ConfigDict()
@@ -107,5 +115,17 @@ def get_config():
   distill.steps_per_round = 50_000  # Train steps per round (paper, CIFAR-10: 50k at batch 128).
   distill.lr = 1e-4  # Adam's learning rate in each round (after optim.warmup_steps; the rest of config.optim).
   distill.parameterization = "v"  # The students' output: 'v' (paper), 'x' or 'eps' (unstable at few steps).
+
+  # --mode=edit (docs/editing.md): inpainting (RePaint, Lugmayr et al. 2022) or SDEdit (Meng et al. 2022) with the
+  # EMA params, no retraining; results in workdir/edit/.
+  config.edit = edit = ml_collections.ConfigDict()
+  edit.task = "inpaint"  # 'inpaint' (fill the masked pixels) or 'sdedit' (noise to strength * T, then denoise).
+  edit.inputs = ""  # A folder of images or an .npz (arr_0 uint8 NHWC); "" = the first images of config.data.
+  edit.num_images = 16  # Images to edit (the first of the inputs).
+  edit.masks = "half"  # 'half' (keep the top), 'center', 'random', or a folder/.npz of masks (1 or 255 = keep).
+  edit.num_steps = 250  # Steps of the respaced chain (RePaint: 250 of T = 1000); 0 = all T.
+  edit.jumps = 10  # RePaint's resamplings per block (1 = none); ~(2 * jumps - 1) * num_steps network passes.
+  edit.jump_length = 10  # RePaint's jump length, in steps of the respaced chain.
+  edit.strength = 0.5  # SDEdit: the share of the chain rerun (0 < strength <= 1; 1 keeps almost nothing).
 
   return config

@@ -21,7 +21,7 @@ import numpy as np
 
 from ddpm_jax import devices
 
-MODES = ("train", "sample", "eval", "sweep", "distill")
+MODES = ("train", "sample", "eval", "sweep", "distill", "edit")
 
 
 def device_count_before_joining(coordinator_address=None):
@@ -145,6 +145,7 @@ def field_rules():
       "data.data_dir": text(),
       "data.path": text(),
       "data.image_key": text(),
+      "data.label_key": text(),
       "data.image_size": integer(1),
       "data.channels": one_of((1, 3)),
       "data.random_flip": boolean(),
@@ -157,6 +158,8 @@ def field_rules():
       "model.resamp_with_conv": boolean(),
       "model.dtype": one_of(("float32", "bfloat16", "float16")),
       "model.remat": boolean(),
+      "model.num_classes": integer(0, meaning="0 = unconditional"),
+      "model.class_dropout": number(0, 1, hi_open=True, meaning="0 = never; guidance needs > 0"),
       "diffusion.beta_schedule": one_of(diffusion.BETA_SCHEDULES),
       "diffusion.beta_start": number(0, 1, lo_open=True),
       "diffusion.beta_end": number(0, 1, lo_open=True),
@@ -193,6 +196,8 @@ def field_rules():
       "sampling.order": integer(1),
       "sampling.spacing": one_of(sampling.SPACINGS),
       "sampling.analytic_num_examples": integer(1),
+      "sampling.guidance_scale": number(0, meaning="0 = no guidance"),
+      "sampling.labels": sequence(integer(0), example="(3,) or (0, 7); () = every class in turn"),
       "eval.num_samples": integer(0, meaning="0 skips FID and IS"),
       "eval.ref_stats": text(),
       "eval.inception_weights": text(),
@@ -209,6 +214,14 @@ def field_rules():
       "distill.steps_per_round": integer(1),
       "distill.lr": number(0, lo_open=True),
       "distill.parameterization": one_of(("v", "x", "eps")),
+      "edit.task": one_of(("inpaint", "sdedit")),
+      "edit.inputs": text(),
+      "edit.num_images": integer(1),
+      "edit.masks": text(),
+      "edit.num_steps": integer(0, meaning="0 = all T"),
+      "edit.jumps": integer(1, meaning="1 = no resampling"),
+      "edit.jump_length": integer(1),
+      "edit.strength": number(0, 1, lo_open=True),
   }
 
 
@@ -262,6 +275,7 @@ def validate(config, mode, num_devices=None):
     if value is not _ABSENT and rule.problem(value):
       _fail(field, value, rule.problem(value), rule.valid)
   _check_model_and_diffusion(config)
+  _check_conditioning(config)
   if _reads_data(config, mode):
     _check_data(config.data)
   shared = _MODE_CHECKS[mode](config)
@@ -285,6 +299,20 @@ def _check_model_and_diffusion(config):
           "'mse', or model_var_type 'learned' or 'learned_range'")
 
 
+def _check_conditioning(config):
+  """Labels and guidance only for a class-conditional model, and labels among its classes."""
+  num_classes = _get(config, "model.num_classes", 0)
+  guidance, labels = _get(config, "sampling.guidance_scale", 0.0), _get(config, "sampling.labels", ())
+  if not num_classes:
+    if guidance:
+      _fail("sampling.guidance_scale", guidance, "guidance needs a class-conditional model",
+            "0, or a model trained with model.num_classes > 0")
+    return
+  if labels and max(labels) >= num_classes:
+    _fail("sampling.labels", labels, f"label {max(labels)} is not one of the {num_classes} classes",
+          f"labels from 0 to {num_classes - 1}, or () for every class in turn")
+
+
 def _reads_data(config, mode):
   """Whether the run reads config.data's examples: training, FID reference statistics, bits/dim, figures, or
   Analytic-DPM's estimate of E‖ε̂‖²."""
@@ -295,6 +323,8 @@ def _reads_data(config, mode):
     return True
   if mode == "eval":
     return fid or _get(config, "eval.bpd_num_examples", 1) != 0 or _get(config, "eval.figures", True)
+  if mode == "edit":
+    return not _get(config, "edit.inputs", "")
   return mode in ("train", "distill") or (mode == "sweep" and fid)
 
 
@@ -327,7 +357,7 @@ def _check_steps(field, num_steps, config, method, eta=0.0, value=None):
   try:
     # The sweep runs the chains (ancestral, DDIM) with their own spacing, whatever sampling.spacing says.
     spacing = s.spacing if method in solvers.METHODS or field != "eval.sweep_steps" else "auto"
-    sampling._check_sampler(chain, num_steps or T, method, eta, s.order, spacing)  # pylint: disable=protected-access
+    sampling.check_sampler(chain, num_steps or T, method, eta, s.order, spacing)
     if method in solvers.METHODS:
       if not num_steps:
         raise ValueError("a solver needs num_steps >= 1 network calls (10-20 is its range), not 0 = all T")
@@ -398,5 +428,26 @@ def _check_distill(config):
   return _check_train(distillation.round_config(config))
 
 
+def _check_edit(config):
+  """The edit's chain (editing.py; SDEdit's strength is in range by its rule, and the evenly respaced chain keeps
+  t = 0, so every strength has a start), its masks' name or path, and its inputs' path, before the params load."""
+  from ddpm_jax import editing  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import masks  # pylint: disable=g-import-not-at-top
+  e, T = config.edit, config.diffusion.num_timesteps  # pylint: disable=invalid-name
+  if e.num_steps > T:
+    _fail("edit.num_steps", e.num_steps, f"more than the diffusion's T = {T} steps", f"an integer from 0 (all) to {T}")
+  if e.inputs and not os.path.exists(e.inputs):
+    _fail("edit.inputs", e.inputs, "no such file or folder", "a folder of images, an .npz, or '' for config.data")
+  if e.task == "inpaint":
+    if e.masks not in masks.NAMES and not os.path.exists(e.masks):
+      _fail("edit.masks", e.masks, "neither a mask name nor an existing file or folder",
+            f"one of {masks.NAMES} or the path of an .npz or a folder of PNG masks")
+    try:
+      editing.repaint_schedule(e.num_steps or T, e.jumps, e.jump_length)
+    except ValueError as err:
+      _fail("edit.jump_length", e.jump_length, str(err).rstrip("."), "a jump length of at most edit.num_steps")
+  return [("sampling.batch_size", config.sampling.batch_size)]
+
+
 _MODE_CHECKS = dict(train=_check_train, sample=_check_sample, eval=_check_eval, sweep=_check_sweep,
-                    distill=_check_distill)
+                    distill=_check_distill, edit=_check_edit)

@@ -98,7 +98,10 @@ def convert(source, path, output, weights="ema", model_name=None):
   if model_name is None:
     raise ValueError(f"{path} has {levels} resolution levels, matching no preset (cifar10: 4, 256: 6); pass --model.")
   factory, size = PRESETS[model_name]
-  model = factory()
+  # A class-conditional diffusers U-Net carries class_embedding [num_class_embeds, 4·ch]: its last label is our null.
+  num_classes = state["class_embedding.weight"].shape[0] - 1 if source == "diffusers" and (
+      "class_embedding.weight" in state) else 0
+  model = factory(num_classes=num_classes)
   target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
                                              jnp.zeros((1,), jnp.int32)))["params"]
   if source == "diffusers":
@@ -109,6 +112,8 @@ def convert(source, path, output, weights="ema", model_name=None):
               weights=weights if source == "tf" else "as saved")
   if source == "diffusers":
     info["config"] = settings_from_scheduler(path)  # the settings the weights were trained with, if stated
+    if num_classes:
+      info["config"]["model.num_classes"] = num_classes
   parent = os.path.dirname(os.path.abspath(output)) or "."
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import respacing
+from ddpm_jax import train_step
 
 PARAMETERIZATIONS = ("eps", "v", "x")
 
@@ -174,7 +175,9 @@ class RoundLoss:
   Each example draws its student step i ∈ 1..n and its noise from its own key (as the paper's loss draws t and ε),
   is noised to points[i] and is trained toward the teacher's two-step target with the truncated-SNR weight. The
   teacher runs in inference mode (no dropout); the student in training mode. Hashable, so that
-  train_step.pmapped_train_steps caches one compiled step per kind of round.
+  train_step.pmapped_train_steps caches one compiled step per kind of round. A class-conditional model's student
+  and teacher see the same labels, dropped to null as in training, so the student also learns the teacher's
+  unconditional steps (guided sampling of the student needs them).
   """
   student: str = "v"  # the student's parameterization (PARAMETERIZATIONS)
   teacher: str = "eps"  # the teacher's: the trained DDPM's in round 1, then the student's of the round before
@@ -182,18 +185,20 @@ class RoundLoss:
 
   def __call__(self, model, params, batch, example_keys, dropout_rng, diffusion, objective_args):
     teacher_params, points, midpoints = objective_args
+    images, labels = train_step.split_batch(batch)
+    labels = train_step.dropped_labels(model, labels, example_keys)
     n = points.shape[0] - 1
     step_index = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 1, n + 1))(example_keys)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:], batch.dtype))(
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), images.shape[1:], images.dtype))(
         example_keys)
 
     def x0_of(network_params, parameterization, clip, **apply_kwargs):
       def x0(z, t):
-        out = model.apply({"params": network_params}, z, t, **apply_kwargs)
+        out = model.apply({"params": network_params}, z, t, labels=labels, **apply_kwargs)
         x = to_x0(out, z, *alpha_sigma(diffusion, t), parameterization)
         return jnp.clip(x, -1.0, 1.0) if clip else x
       return x0
 
     teacher = x0_of(teacher_params, self.teacher, self.clip_teacher, train=False)
     student = x0_of(params, self.student, False, train=True, rngs={"dropout": dropout_rng})
-    return jnp.mean(losses(student, teacher, diffusion, batch, noise, step_index, points, midpoints))
+    return jnp.mean(losses(student, teacher, diffusion, images, noise, step_index, points, midpoints))

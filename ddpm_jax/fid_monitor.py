@@ -6,6 +6,7 @@ step; `--mode=sample|eval --config.sampling.checkpoint=best_fid` uses them. A re
 "best" spans restarts. Sampling uses the eval sampler fields (training.fid_num_steps may respace the chain for
 speed) and its own key stream, so it never changes the training trajectory.
 """
+import dataclasses
 import os
 
 from absl import logging
@@ -54,8 +55,11 @@ class FidMonitor:
   def __init__(self, config, workdir, model, diffusion):
     t = config.training
     self.num_samples = t.fid_num_samples
-    self.sampler = Sampler(method="ddim" if t.fid_num_steps else "ancestral", num_steps=t.fid_num_steps, eta=0.0,
-                           clip_denoised=config.sampling.clip_denoised)
+    # The labels and guidance of config.sampling (a conditional model), with the monitor's own chain.
+    self.sampler = dataclasses.replace(
+        Sampler.from_config(config.sampling, config.model.num_classes),
+        method="ddim" if t.fid_num_steps else "ancestral", num_steps=t.fid_num_steps, eta=0.0, order=2,
+        spacing="auto")
     devices.check_divisible("training.fid_num_samples", self.num_samples, jax.device_count())
     # Found now, not at the first measurement: a missing Inception file stops the run before it trains.
     self.weights = config.eval.inception_weights or inception_weights.default_weights_path()

@@ -8,7 +8,10 @@ the heavy imports.
 import os
 
 # Config fields that hold a path a user may type relative to the current directory.
-CONFIG_PATH_FIELDS = ("restore_from", "data.path", "data.data_dir", "eval.ref_stats", "eval.inception_weights")
+CONFIG_PATH_FIELDS = ("restore_from", "data.path", "data.data_dir", "eval.ref_stats", "eval.inception_weights",
+                      "edit.inputs")
+# Fields holding a name or a path: made absolute only if a file or folder of that name exists.
+CONFIG_NAME_OR_PATH_FIELDS = ("edit.masks",)
 
 
 def absolute(path):
@@ -24,11 +27,12 @@ def absolute_config_paths(config):
 
   A field an older config does not have is skipped.
   """
-  for field in CONFIG_PATH_FIELDS:
+  for field in CONFIG_PATH_FIELDS + CONFIG_NAME_OR_PATH_FIELDS:
     *parents, name = field.split(".")
     node = config
     for parent in parents:
       node = node.get(parent) if node is not None else None
     if node is not None and isinstance(node.get(name), str):
-      node[name] = absolute(node[name])
+      if field in CONFIG_PATH_FIELDS or os.path.exists(os.path.expanduser(node[name])):
+        node[name] = absolute(node[name])
   return config

@@ -27,8 +27,10 @@ def _module(kind, index):
 def diffusers_key(path, num_levels):
   """Our param path (tuple of names) → the diffusers UNet2DModel state-dict key."""
   *scopes, leaf = path
-  leaf = "weight" if leaf in ("kernel", "scale") else "bias"
+  leaf = "weight" if leaf in ("kernel", "scale", "embedding") else "bias"
   head = scopes[0]
+  if head == "label_emb":  # the class-conditional U-Net's label table, [num_classes + 1, 4·ch] in both
+    return f"class_embedding.{leaf}"
   if head in _TOP:
     return f"{_TOP[head]}.{leaf}"
   if head == "temb":
@@ -48,8 +50,11 @@ def diffusers_key(path, num_levels):
   return f"{prefix}.{_module(child, index)}.{table[layer]}.{leaf}"
 
 
-def _to_flax_layout(array, target_shape):
-  """A torch tensor (OIHW conv, [out, in] linear, [out, in, 1, 1] 1×1 conv) in our layout (HWIO, [in, out])."""
+def _to_flax_layout(array, target_shape, key):
+  """A torch tensor (OIHW conv, [out, in] linear, [out, in, 1, 1] 1×1 conv) in our layout (HWIO, [in, out]); an
+  embedding table is [num, dim] in both."""
+  if key.startswith("class_embedding."):
+    return array
   if array.ndim == 4 and len(target_shape) == 4:
     return np.transpose(array, (2, 3, 1, 0))
   if array.ndim == 4:  # 1×1 conv shortcut stored as a conv in diffusers, a dense layer here
@@ -76,7 +81,7 @@ def params_from_diffusers(state, abstract_params, num_levels):
       raise ValueError(f"the checkpoint has no tensor {key!r} (our {'/'.join(path)}, shape {tuple(leaf.shape)}); "
                        "it is not a DDPM U-Net of this configuration.")
     # A contiguous copy: the source may be a live torch tensor's memory (a view would change with it).
-    value = np.array(_to_flax_layout(np.asarray(keys.pop(key)), leaf.shape), dtype=np.float32, order="C")
+    value = np.array(_to_flax_layout(np.asarray(keys.pop(key)), leaf.shape, key), dtype=np.float32, order="C")
     if value.shape != tuple(leaf.shape):
       raise ValueError(f"tensor {key!r} has shape {value.shape} in our layout, expected {tuple(leaf.shape)} for "
                        f"{'/'.join(path)}; the checkpoint belongs to a U-Net of another size.")
@@ -89,6 +94,8 @@ def params_from_diffusers(state, abstract_params, num_levels):
 
 def _to_torch_layout(array, key):
   """Ours (HWIO conv, [in, out] dense) in torch's layout: the inverse of _to_flax_layout for the diffusers key."""
+  if key.startswith("class_embedding."):
+    return array
   if array.ndim == 4:
     return np.transpose(array, (3, 2, 0, 1))
   if array.ndim == 2 and ".conv_shortcut." in key:  # a dense layer here, a 1×1 conv in diffusers
@@ -114,11 +121,12 @@ def params_to_diffusers(params, num_levels):
   return state
 
 
-def diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, image_size, dropout=0.0):
+def diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, image_size, dropout=0.0, num_classes=0):
   """Keyword arguments for diffusers' `UNet2DModel` that build the paper's U-Net with these fields of config.model.
 
   Its weights map into ours with params_from_diffusers: the peer network of every side-by-side check, and the layout
-  of a diffusers folder made from scratch. Needs no torch: it only names the settings.
+  of a diffusers folder made from scratch. Needs no torch: it only names the settings. A class-conditional U-Net
+  (num_classes > 0) is diffusers' num_class_embeds = num_classes + 1, the last label being our null label.
   """
   levels = range(len(ch_mult))
   attn = {l for l in levels if image_size // 2**l in attn_resolutions}
@@ -128,7 +136,8 @@ def diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, image_s
       down_block_types=tuple("AttnDownBlock2D" if l in attn else "DownBlock2D" for l in levels),
       up_block_types=tuple("AttnUpBlock2D" if l in attn else "UpBlock2D" for l in reversed(levels)),
       downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
-      attention_head_dim=None, act_fn="silu", dropout=dropout)
+      attention_head_dim=None, act_fn="silu", dropout=dropout,
+      num_class_embeds=num_classes + 1 if num_classes else None)
 
 
 def read_safetensors(path):

@@ -42,7 +42,7 @@ def chain_spacing(spacing):
   return "even" if spacing == "auto" else spacing
 
 
-def _per_example_normal(rng, indices, t, shape):
+def per_example_normal(rng, indices, t, shape):
   """[len(indices), *shape] standard normals; row i depends only on (rng, indices[i], t)."""
   draw = lambda i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), t), shape)
   return jax.vmap(draw)(indices)
@@ -78,7 +78,7 @@ def ddim_step(diffusion, model_output, x_t, t, noise, *, eta=0.0, clip_denoised=
   return x_prev, pred_xstart
 
 
-def _check_sampler(diffusion, num_kept, method, eta, order=2, spacing="auto"):
+def check_sampler(diffusion, num_kept, method, eta, order=2, spacing="auto"):
   """One-line errors for a sampler the chain cannot run (num_kept: its number of network calls)."""
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; choose one of {METHODS}.")
@@ -113,7 +113,7 @@ def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_ini
   batch, image_shape = shape[0], tuple(shape[1:])
   indices = first_index + jnp.arange(batch)
   if x_init is None:
-    x_init = _per_example_normal(rng, indices, diffusion.num_timesteps, image_shape)
+    x_init = per_example_normal(rng, indices, diffusion.num_timesteps, image_shape)
   chain = spaced
   convert_xprev = diffusion.model_mean_type == "xprev" and timesteps.shape[0] < diffusion.num_timesteps
   if convert_xprev:
@@ -139,9 +139,9 @@ def _chain(model_fn, diffusion, spaced, timesteps, rng, shape, *, num_run, x_ini
         output = output if var_out is None else jnp.concatenate([output, var_out], axis=-1)
       if method == "ddim":
         noise = (jnp.zeros_like(x_t) if eta == 0
-                 else _per_example_normal(rng, indices, t_scalar, image_shape))
+                 else per_example_normal(rng, indices, t_scalar, image_shape))
         return ddim_step(chain, output, x_t, i, noise, eta=eta, clip_denoised=clip_denoised)
-      noise = _per_example_normal(rng, indices, t_scalar, image_shape)
+      noise = per_example_normal(rng, indices, t_scalar, image_shape)
       return chain.p_sample(output, x_t, i, noise, clip_denoised)
     if not pad:
       return denoise()
@@ -216,7 +216,7 @@ def _respaced_chain(diffusion, num_steps, method, eta, order, spacing, gamma):
   """The checked chain's (respaced diffusion, kept timesteps) for num_steps (None = all T) of `spacing`; for
   'analytic_dpm' the respaced diffusion draws with the variances of gamma."""
   num_kept = diffusion.num_timesteps if num_steps is None else num_steps
-  _check_sampler(diffusion, num_kept, method, eta, order, spacing)
+  check_sampler(diffusion, num_kept, method, eta, order, spacing)
   spaced, timesteps = respacing.respaced(diffusion, num_kept, chain_spacing(spacing))
   if method == analytic_dpm.METHOD:
     spaced = analytic_dpm.with_variances(spaced, analytic_dpm.optimal_variances(diffusion, timesteps, gamma))
@@ -225,7 +225,7 @@ def _respaced_chain(diffusion, num_steps, method, eta, order, spacing, gamma):
 
 def solver_plan(diffusion, num_steps, method, order, spacing):
   """The fast solver's plan (solvers.plan) over num_steps timesteps of `spacing`, from the concrete diffusion."""
-  _check_sampler(diffusion, num_steps or 0, method, 0.0, order, spacing)
+  check_sampler(diffusion, num_steps or 0, method, 0.0, order, spacing)
   if not num_steps:
     raise ValueError(f"method {method!r} needs num_steps >= 1 (network calls per sample; 10-20 is its range).")
   alphas_cumprod = np.asarray(diffusion.alphas_cumprod, np.float64)
@@ -239,52 +239,82 @@ def _solver_chain(model_fn, diffusion, plan, rng, shape, *, first_index, method,
   """A fast solver's chain from x_T, with x_T and the noise of each step keyed per example as in `_chain`."""
   batch, image_shape = shape[0], tuple(shape[1:])
   indices = first_index + jnp.arange(batch)
-  x_T = _per_example_normal(rng, indices, diffusion.num_timesteps, image_shape)
-  noise_fn = lambda i: _per_example_normal(rng, indices, jnp.asarray(plan["t"])[i], image_shape)
+  x_T = per_example_normal(rng, indices, diffusion.num_timesteps, image_shape)
+  noise_fn = lambda i: per_example_normal(rng, indices, jnp.asarray(plan["t"])[i], image_shape)
   return solvers.run(model_fn, diffusion, x_T, plan, method=method, clip_denoised=clip_denoised, report=report,
                      noise_fn=noise_fn if method == "sde_dpm_solver++" else None)
+
+
+def labels_of(labels, indices):
+  """The class label of each sample index: labels cycled over the indices (NumPy or JAX, as indices are).
+
+  Keyed by the global sample index, like the noise, so a sample's label does not depend on the batch split.
+  """
+  xp = np if isinstance(indices, np.ndarray) else jnp
+  return xp.asarray(labels, xp.int32)[indices % len(labels)]
 
 
 @dataclasses.dataclass(frozen=True)
 class _UnetApply:
   model: Any  # Flax modules are hashable dataclasses, so equal models share compiled programs
+  guidance_scale: float = 0.0
 
-  def __call__(self, params, x_t, t):
-    return self.model.apply({"params": params}, x_t, t, train=False)
+  def __call__(self, params, labels, x_t, t):
+    apply = lambda x, tt, y: self.model.apply({"params": params}, x, tt, train=False, labels=y)
+    if labels is None or not self.guidance_scale:
+      return apply(x_t, t, labels)
+    # Classifier-free guidance (Ho & Salimans 2021): the conditional and the null-label passes as one batch of 2B.
+    null = jnp.full_like(labels, self.model.null_label)
+    both = apply(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
+    cond, uncond = both[:x_t.shape[0]], both[x_t.shape[0]:]
+    c, w = x_t.shape[-1], self.guidance_scale  # the mean's channels; a learned variance is the conditional pass's
+    guided = (1.0 + w) * cond[..., :c] - w * uncond[..., :c]
+    return jnp.concatenate([guided, cond[..., c:]], axis=-1)
 
 
-def unet_model_fn(model, params):
+def unet_model_fn(model, params, labels=None, guidance_scale=0.0):
   """model_fn(x_t, t) of a Flax U-Net in inference mode (no dropout).
 
   A `jax.tree_util.Partial` whose arguments are the params: passed to a compiled program, they are its inputs,
   not constants baked into it, so new params of the same model reuse the program (figures.py relies on this).
+  A class-conditional U-Net takes labels [B] (None: the null label, an unconditional prediction); guidance_scale
+  w > 0 returns classifier-free guidance's (1 + w)·out(x, labels) − w·out(x, null) from one forward of 2B.
   """
-  return jax.tree_util.Partial(_UnetApply(model), params)
+  if guidance_scale and labels is None:
+    raise ValueError("guidance_scale > 0 needs the labels to guide towards.")
+  return jax.tree_util.Partial(_UnetApply(model, float(guidance_scale)), params, labels)
 
 
-@functools.partial(jax.pmap, axis_name="batch", static_broadcasted_argnums=(0, 6, 7, 8, 9),
-                   in_axes=(None, 0, None, None, None, None, None, None, None, None, 0, 0))
+@functools.partial(jax.pmap, axis_name="batch", static_broadcasted_argnums=(0, 6, 7, 8, 9, 12),
+                   in_axes=(None, 0, None, None, None, None, None, None, None, None, 0, 0, None))
 def _sample_pmapped(model, params, diffusion, spaced, timesteps, rng, per_device_shape, clip_denoised, method, eta,
-                    first_index, report_to):
+                    first_index, report_to, conditioning):
   # report_to: None (no callback in the program) or progress.first_device_only's per-device target ids.
   # For the fast solvers `spaced` is their plan (solver_plan) and `timesteps` is unused.
+  # conditioning: None, or (labels, guidance_scale) of a class-conditional model, labels cycled over sample indices.
   report = None if report_to is None else functools.partial(progress_lib.to_target, report_to)
+  if conditioning is None:
+    model_fn = unet_model_fn(model, params)
+  else:
+    labels = labels_of(conditioning[0], first_index + jnp.arange(per_device_shape[0]))
+    model_fn = unet_model_fn(model, params, labels, conditioning[1])
   if method in solvers.METHODS:
-    return _solver_chain(unet_model_fn(model, params), diffusion, spaced, rng, per_device_shape,
+    return _solver_chain(model_fn, diffusion, spaced, rng, per_device_shape,
                          first_index=first_index, method=method, clip_denoised=clip_denoised, report=report)
-  return _chain(unet_model_fn(model, params), diffusion, spaced, timesteps, rng, per_device_shape,
+  return _chain(model_fn, diffusion, spaced, timesteps, rng, per_device_shape,
                 num_run=timesteps.shape[0], first_index=first_index, clip_denoised=clip_denoised, method=method,
                 eta=eta, report=report)
 
 
 def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_shape, *, first_index=0,
                    clip_denoised=True, num_steps=None, method="ancestral", eta=1.0, order=2, spacing="auto",
-                   gamma=(), progress=None):
+                   gamma=(), labels=(), guidance_scale=0.0, progress=None):
   """num_samples images [num_samples, H, W, C] from the chain, split over this host's local devices.
 
   params_replicated has a leading local-device axis. Sample i equals sample first_index + i of any other split.
   num_steps, method, eta and progress are as in sample_loop (the respacing happens here, outside pmap). Only the
-  first local device calls progress, and with it this returns once the samples are computed.
+  first local device calls progress, and with it this returns once the samples are computed. A class-conditional
+  model draws sample i of class labels_of(labels, i), guided with guidance_scale; labels () = unconditional.
   """
   n = jax.local_device_count()
   devices.check_divisible("num_samples", num_samples, n, "local devices")
@@ -294,8 +324,12 @@ def sample_sharded(model, params_replicated, diffusion, rng, num_samples, image_
     spaced, timesteps = _respaced_chain(diffusion, num_steps, method, eta, order, spacing, gamma)
   per_device = num_samples // n
   starts = first_index + per_device * jnp.arange(n)
-  run = functools.partial(_sample_pmapped, model, params_replicated, diffusion, spaced, timesteps, rng,
-                          (per_device,) + tuple(image_shape), clip_denoised, method, float(eta), starts)
+  conditioning = (tuple(int(y) for y in labels), float(guidance_scale)) if len(labels) else None
+  if guidance_scale and conditioning is None:
+    raise ValueError("guidance_scale > 0 needs labels (a class-conditional model, model.num_classes > 0).")
+  run = lambda report_to: _sample_pmapped(model, params_replicated, diffusion, spaced, timesteps, rng,
+                                          (per_device,) + tuple(image_shape), clip_denoised, method, float(eta),
+                                          starts, report_to, conditioning)
   if progress is None:
     out = run(None)
   else:

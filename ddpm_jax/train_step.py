@@ -60,20 +60,41 @@ def create_train_state(rng, model, tx, image_shape):
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
 
 
+def split_batch(batch):
+  """(images, labels or None) of a training batch: an image array, or (images, labels) for a conditional model."""
+  return batch if isinstance(batch, tuple) else (batch, None)
+
+
+def dropped_labels(model, labels, example_keys):
+  """The labels a conditional model trains on: each replaced by the null label with probability model.class_dropout,
+  a coin per example from its key (so, like t and ε, independent of how the batch is split over devices)."""
+  if labels is None or not model.class_dropout:
+    return labels
+  drop = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)) < model.class_dropout)(example_keys)
+  return jnp.where(drop, model.null_label, labels)
+
+
 def paper_loss(model, params, batch, example_keys, dropout_rng, diffusion, objective_args=None):
   """The batch's mean loss of the paper (diffusion.training_losses: L_simple, or the configured KL/hybrid): t and ε
-  of each example drawn from its key. train_step's default objective; objective_args is unused."""
+  of each example drawn from its key. train_step's default objective; objective_args is unused.
+
+  A conditional model's batch is (images, labels); its labels are dropped to null as model.class_dropout says.
+  """
   del objective_args
+  images, labels = split_batch(batch)
+  labels = dropped_labels(model, labels, example_keys)
   t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, diffusion.num_timesteps))(example_keys)
-  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:], batch.dtype))(example_keys)
-  model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, train=True, rngs={"dropout": dropout_rng})
-  losses, _ = diffusion.training_losses(model_fn, batch, t, noise)
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), images.shape[1:], images.dtype))(example_keys)
+  model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, train=True, labels=labels,
+                                         rngs={"dropout": dropout_rng})
+  losses, _ = diffusion.training_losses(model_fn, images, t, noise)
   return jnp.mean(losses)
 
 
 def train_step(state, batch, slots, *, model, diffusion, tx, schedule, ema_decay, rng, objective=paper_loss,
                objective_args=None):
-  """One step on this device's batch [b, H, W, C]; `slots` [b] are the examples' positions in the global batch.
+  """One step on this device's batch [b, H, W, C] (or (images, labels [b])); `slots` [b] are the examples' positions
+  in the global batch.
 
   Each example's randomness (t and ε for the paper's loss) comes from a key folded from (rng, step, slot), so it
   does not depend on how the global batch is split over devices and hosts; dropout masks use the device's first
@@ -107,14 +128,15 @@ def train_step(state, batch, slots, *, model, diffusion, tx, schedule, ema_decay
 
 
 def train_steps(state, batches, slots, **kwargs):
-  """k train steps in one call (batches [k, b, H, W, C]); metrics averaged over the k steps.
+  """k train steps in one call (batches [k, b, H, W, C], or a tuple with labels [k, b]); metrics averaged over the k
+  steps.
 
   The k steps are unrolled at trace time rather than put in a `lax.scan`: on XLA:CPU a while loop around the
   backward convolutions ran 16× slower (8.2 s vs 0.5 s per step, digits config; docs/performance.md).
   """
   all_metrics = []
-  for i in range(batches.shape[0]):
-    state, metrics = train_step(state, batches[i], slots, **kwargs)
+  for i in range(jax.tree.leaves(batches)[0].shape[0]):
+    state, metrics = train_step(state, jax.tree.map(lambda b, i=i: b[i], batches), slots, **kwargs)
     all_metrics.append(metrics)
   summed = {"nonfinite_steps"}  # counted, the rest averaged
   return state, {k: (jnp.sum if k in summed else jnp.mean)(jnp.stack([m[k] for m in all_metrics]))

@@ -178,13 +178,14 @@ def tf_names(params):
   return out
 
 
-def diffusers_unet(ch, ch_mult, attn_level, size):
-  """diffusers' equivalent of the paper's U-Net (docs/reference.md, Architecture parity), attention on attn_level."""
+def diffusers_unet(ch, ch_mult, attn_level, size, num_classes=0):
+  """diffusers' equivalent of the paper's U-Net (docs/reference.md, Architecture parity), attention on attn_level;
+  class-conditional with num_classes > 0."""
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from ddpm_jax import pretrained  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  kwargs = pretrained.diffusers_unet_kwargs(ch, ch_mult, 2, (size // 2**attn_level,), size)
+  kwargs = pretrained.diffusers_unet_kwargs(ch, ch_mult, 2, (size // 2**attn_level,), size, num_classes=num_classes)
   return diffusers.UNet2DModel(**kwargs).eval()
 
 

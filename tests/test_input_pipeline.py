@@ -163,7 +163,8 @@ def test_tfds_source_on_mock_cifar10(random_flip):
 
 @pytest.fixture(scope="module")
 def tiny_tfds(tmp_path_factory):
-  """A real array_record tfds data set built offline: 5 examples, 'gray' 6×8×1 filled with 40·i, 'rgba' 6×8×4."""
+  """A real array_record tfds data set built offline: 5 examples, 'gray' 6×8×1 filled with 40·i, 'rgba' 6×8×4,
+  'label' 4 − i of 5 classes."""
   tfds = pytest.importorskip("tensorflow_datasets")
 
   class DdpmTestImages(tfds.core.GeneratorBasedBuilder):
@@ -171,7 +172,8 @@ def tiny_tfds(tmp_path_factory):
 
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"gray": tfds.features.Image(shape=(6, 8, 1)), "rgba": tfds.features.Image(shape=(6, 8, 4))}))
+          {"gray": tfds.features.Image(shape=(6, 8, 1)), "rgba": tfds.features.Image(shape=(6, 8, 4)),
+           "label": tfds.features.ClassLabel(num_classes=5)}))
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -180,7 +182,7 @@ def tiny_tfds(tmp_path_factory):
       for i in range(5):
         rgba = np.zeros((6, 8, 4), np.uint8)
         rgba[..., :3], rgba[..., 3] = (10 * i, 100, 200), 0  # fully transparent: alpha must be dropped, not used
-        yield i, {"gray": np.full((6, 8, 1), 40 * i, np.uint8), "rgba": rgba}
+        yield i, {"gray": np.full((6, 8, 1), 40 * i, np.uint8), "rgba": rgba, "label": 4 - i}
 
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   DdpmTestImages(data_dir=data_dir, file_format="array_record").download_and_prepare(
@@ -210,7 +212,7 @@ def test_tfds_source_on_a_prepared_data_set(tiny_tfds):
 def _one_line_error(c, match, **kw):
   with pytest.raises(ValueError, match=match) as e:
     ip.create_dataset(c, seed=0, global_batch_size=kw.get("batch", 4), process_index=0,
-                      process_count=kw.get("hosts", 1))
+                      process_count=kw.get("hosts", 1), num_classes=kw.get("num_classes", 0))
   assert "\n" not in str(e.value)
 
 
@@ -251,3 +253,61 @@ def test_tfds_errors_never_download(tmp_path):
   # mnist's code is registered but nothing is prepared in tmp_path: an error that says how, not a download.
   _one_line_error(data_config(source="tfds", name="mnist", data_dir=str(tmp_path)),
                   "is not prepared in .*run `tfds build mnist --data_dir=")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels for class-conditional models: each source's own, in the same order as the images.
+
+def _labelled(c, num_classes, steps=3, batch=4):
+  """(images, labels) of the first steps×batch slots, labelled and unlabelled datasets side by side."""
+  make = lambda n: ip.create_dataset(c, seed=3, global_batch_size=batch, process_index=0, process_count=1,
+                                     num_classes=n)
+  labelled, plain = make(num_classes), make(0)
+  pairs = [labelled[s] for s in range(steps)]
+  for s, (images, labels) in enumerate(pairs):
+    np.testing.assert_array_equal(images, plain[s])  # labels change nothing about the images or their order
+    assert labels.dtype == np.int32 and labels.shape == (batch,)
+  return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+
+
+def test_npz_labels_come_from_arr_1_in_the_images_order(indexed_npz, tmp_path):
+  with np.load(indexed_npz) as f:
+    images = f["arr_0"]
+  path = str(tmp_path / "labelled.npz")
+  np.savez(path, images, (np.arange(N) * 7) % 3)  # arr_0, arr_1
+  got, labels = _labelled(data_config(path=path, random_flip=True), 3)
+  np.testing.assert_array_equal(labels, (ids(got) * 7) % 3)
+  _one_line_error(data_config(path=indexed_npz), "no 'arr_1' of labels.*np.savez", num_classes=3)
+  _one_line_error(data_config(path=path), "labels run from 0 to 2 but model.num_classes is 2", num_classes=2)
+
+
+def test_folder_labels_are_the_sorted_sub_folders(tmp_path):
+  for name, value in (("cat", 30), ("ant", 10), ("bee", 20)):  # classes by name: ant 0, bee 1, cat 2
+    (tmp_path / "data" / name).mkdir(parents=True)
+    for j in range(2):
+      Image.fromarray(np.full((4, 4), value, np.uint8)).save(tmp_path / "data" / name / f"{j}.png")
+  folder = data_config(source="folder", path=str(tmp_path / "data"))
+  got, labels = _labelled(folder, 3)
+  np.testing.assert_array_equal(labels, np.round((got[:, 0, 0, 0] + 1) * 127.5 / 10).astype(int) - 1)
+  _one_line_error(folder, "3 class sub-folders but model.num_classes is 4", num_classes=4)
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "data" / "loose.png")
+  _one_line_error(folder, "outside class sub-folders.*loose.png", num_classes=3)
+
+
+def test_digits_labels_are_the_digits():
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  src = ip.make_source(data_config(source="digits", image_size=8), num_classes=10)
+  for i in (0, 1, 500, 1796):
+    image, label = src[i]
+    assert label == digits.target[i]
+    np.testing.assert_array_equal(image[..., 0], np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8))
+
+
+def test_tfds_labels_come_from_the_label_feature(tiny_tfds):
+  c = data_config(source="tfds", name="ddpm_test_images", data_dir=tiny_tfds, image_key="gray", label_key="label")
+  got, labels = _labelled(c, 5, steps=2, batch=5)
+  np.testing.assert_array_equal(labels, 4 - np.round((got[:, 0, 0, 0] + 1) * 127.5 / 40).astype(int))
+  _one_line_error(c, "has 5 classes in 'label' but model.num_classes is 3; set model.num_classes=5", num_classes=3)
+  _one_line_error(data_config(**{**c.to_dict(), "label_key": "class"}), "no feature 'class'.*set data.label_key",
+                  num_classes=5)

@@ -33,6 +33,9 @@ MODE_SHORT = dict(
            "--config.eval.sweep_steps=(5,)", "--config.eval.ref_stats=runs/ref_stats.npz"),
     # One round (8 → 4 steps) of two train steps, so that the documented distill/4 student exists.
     distill=("--config.distill.start_steps=8", "--config.distill.end_steps=4", "--config.distill.steps_per_round=2"),
+    # Four images, a 5-step chain, RePaint's walk with one resampling of 2 steps.
+    edit=("--config.edit.num_images=4", "--config.edit.num_steps=5", "--config.edit.jumps=2",
+          "--config.edit.jump_length=2", "--config.sampling.batch_size=4"),
 )
 
 
@@ -96,7 +99,7 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
     _run(project, [sys.executable, "main.py"] + shown, "--config.training.num_train_steps=6")
     modes.add(next((a.split("=", 1)[1] for a in shown if a.startswith("--mode=")), "train"))
     print(f"ran {path}: python {' '.join(shown)}")
-  assert {"train", "sample", "eval", "sweep", "distill"} <= modes
+  assert {"train", "sample", "eval", "sweep", "distill", "edit"} <= modes
   sample_dir = workdir / "samples" / "step_00000006"  # the paper's sampler's; the solvers' have their own
   samples = np.concatenate([np.load(p)["arr_0"] for p in sorted(glob.glob(str(sample_dir / "samples_*.npz")))])
   assert samples.shape == (6, 8, 8, 1) and samples.dtype == np.uint8 and samples.std() > 0
@@ -106,6 +109,9 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
   assert digits["num_samples"] == 8 and 0 <= digits["confident_share"] <= 1 and digits["classifier_accuracy"] > 0.9
   assert sum(digits["predicted_counts"]) == 8 and digits["floor_fid"] > 0
   assert glob.glob(str(workdir / "eval" / "sweep_step_00000006.json"))
+  for task in ("inpaint_half_5_j2x2", "sdedit_0.5_5"):  # docs/editing.md's two commands
+    edited = np.load(workdir / "edit" / f"step_00000006_{task}" / "edited.npz")
+    assert edited["arr_0"].shape == edited["arr_1"].shape == (4, 8, 8, 1)
   student = glob.glob(str(workdir / "distill" / "4" / "samples" / "step_00000002_ddim4_eta0.0_trailing" / "*.npz"))
   assert student and np.concatenate([np.load(p)["arr_0"] for p in student]).shape == (6, 8, 8, 1)
 

@@ -132,7 +132,7 @@ def test_a_second_signal_exits_at_once_and_handlers_are_restored():
     ("--config.optimm.lr=1", "unknown config field 'optimm'; did you mean 'optim'?"),
     ("--config.optim.lr=fast", "flag --config.optim.lr=fast: could not convert string to float: 'fast'"),
     ("--config.training.batch_size=1.5", "--config.training.batch_size=1.5"),
-    ("--mode=evaluate", "value should be one of <train|sample|eval|sweep|distill>"),
+    ("--mode=evaluate", "value should be one of <train|sample|eval|sweep|distill|edit>"),
 ])
 def test_command_line_mistakes_are_one_line_errors(tmp_path, flag, msg):
   cmd = [sys.executable, "main.py", "--config=configs/digits.py", f"--workdir={tmp_path / 'run'}", flag]

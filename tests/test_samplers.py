@@ -101,10 +101,10 @@ def test_respaced_chain_calls_the_network_with_original_t_and_keys_noise_by_it()
   assert seen == list(kept[::-1])
   # Reference: a plain Python loop over the respaced chain with the documented per-example keys.
   idx = jnp.arange(SHAPE[0])
-  x = sampling._per_example_normal(rng, idx, T, SHAPE[1:])  # pylint: disable=protected-access
+  x = sampling.per_example_normal(rng, idx, T, SHAPE[1:])
   for i in range(9, -1, -1):
     t = jnp.full((SHAPE[0],), kept[i], jnp.int32)
-    noise = sampling._per_example_normal(rng, idx, kept[i], SHAPE[1:])  # pylint: disable=protected-access
+    noise = sampling.per_example_normal(rng, idx, kept[i], SHAPE[1:])
     x, _ = spaced.p_sample(analytic_eps(x, t), x, jnp.full((SHAPE[0],), i, jnp.int32), noise)
   np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-6)
   # Trajectories record after every k-th respaced step, labelled with the original t.

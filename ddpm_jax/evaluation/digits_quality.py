@@ -93,10 +93,12 @@ def confident_share(classifier, images_uint8, threshold=0.9):
 # The demo's goals: near the real digits in FID, and readable.
 FID_FACTOR = 2.0  # FID of the samples ≤ FID_FACTOR × the floor (the same number of real digits).
 CONFIDENT_TARGET = 0.8  # Share of samples the classifier reads with p ≥ 0.9.
+LABEL_TARGET = 0.95  # A conditional model's share of samples read as the digit asked for.
 
 
-def demo_report(samples, fid_value, feature_fn, batch_size, ref_mu, ref_sigma, *, seed=0):
-  """--mode=eval's extra numbers for the digits demo, from its uint8 samples [N, H, W, 1] and their FID.
+def demo_report(samples, fid_value, feature_fn, batch_size, ref_mu, ref_sigma, *, seed=0, labels=None):
+  """--mode=eval's extra numbers for the digits demo, from its uint8 samples [N, H, W, 1] and their FID; for a
+  class-conditional model (labels: the digit asked for of each sample), also the share read as that digit.
 
   The floor is the FID of N real digits (real_subset, at the samples' size) against the same reference: what a
   perfect model scores with so few samples, FID being biased upwards at small N.
@@ -105,11 +107,14 @@ def demo_report(samples, fid_value, feature_fn, batch_size, ref_mu, ref_sigma, *
   real = real_subset(len(samples), seed, samples.shape[1])
   floor = fid.fid_from_features(fid.compute_features(feature_fn, [real], batch_size)["pool_3"], ref_mu, ref_sigma)
   classifier, accuracy = fit_classifier(seed)
-  return dict(num_samples=len(samples), fid=fid_value, floor_fid=floor, fid_over_floor=fid_value / floor,
-              confident_share=confident_share(classifier, samples),
-              real_confident_share=confident_share(classifier, real),
-              classifier_accuracy=accuracy,
-              predicted_counts=np.bincount(predicted_labels(classifier, samples), minlength=10).tolist())
+  predicted = predicted_labels(classifier, samples)
+  report = dict(num_samples=len(samples), fid=fid_value, floor_fid=floor, fid_over_floor=fid_value / floor,
+                confident_share=confident_share(classifier, samples),
+                real_confident_share=confident_share(classifier, real),
+                classifier_accuracy=accuracy, predicted_counts=np.bincount(predicted, minlength=10).tolist())
+  if labels is not None:
+    report["label_share"] = float(np.mean(predicted == np.asarray(labels)))
+  return report
 
 
 def report_lines(r):
@@ -125,4 +130,6 @@ def report_lines(r):
       f"{CONFIDENT_TARGET:.0%} | {met(r['confident_share'] >= CONFIDENT_TARGET)} |",
       f"| classifier's held-out accuracy | | {r['classifier_accuracy']:.1%} | | |",
       f"| samples per predicted digit 0-9 | {r['predicted_counts']} | | | |",
-  ]
+  ] + ([f"| read as the digit asked for (conditional) | {r['label_share']:.1%} | "
+        f"{r['classifier_accuracy']:.1%} (held out) | ≥ {LABEL_TARGET:.0%} | {met(r['label_share'] >= LABEL_TARGET)} |"]
+       if "label_share" in r else [])

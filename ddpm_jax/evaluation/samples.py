@@ -42,11 +42,14 @@ def write_sample_shards(model, params, diffusion, sampler, rng, num_samples, bat
                                 progress=lambda done, base=n * steps: report.update(base + done),
                                 **sampler.chain_kwargs())
     x = images.to_uint8(jax.device_get(x))[:max(0, min(per_host, num_samples - first))]
-    fileio.save_npz(path, arr_0=x)  # atomic: a killed run never leaves a half-written shard under the final name
+    # A conditional model's samples keep their classes beside them, as arr_1 (the layout of a labelled .npz source).
+    labels = dict(arr_1=sampling.labels_of(sampler.labels, first + np.arange(len(x)))) if sampler.labels else {}
+    fileio.save_npz(path, arr_0=x, **labels)  # atomic: a killed run never leaves a half-written shard under its name
     logging.info("Wrote shard %d/%d (%d images) to %s", b + 1, num_shards, len(x), path)
   if jax.process_index() == 0:
     first_shard = fileio.load_npz(shard_paths(out_dir)[0])["arr_0"]
-    grid = images.make_grid(first_shard[:64])
+    # Labels cycle over the samples: with one column per class, each column of the grid is one class.
+    grid = images.make_grid(first_shard[:64], ncols=sampler.grid_columns)
     images.save_png(os.path.join(out_dir, "grid.png"), grid, upscale=max(1, 512 // grid.shape[0]))
   return out_dir
 
@@ -69,3 +72,8 @@ def shard_paths(out_dir):
 def load_samples(out_dir):
   """All samples of out_dir, uint8 [N, H, W, C], in global order."""
   return np.concatenate([fileio.load_npz(p)["arr_0"] for p in shard_paths(out_dir)])
+
+
+def load_labels(out_dir):
+  """The class of each sample of out_dir, int32 [N] in global order (a conditional model's samples only)."""
+  return np.concatenate([fileio.load_npz(p)["arr_1"] for p in shard_paths(out_dir)])

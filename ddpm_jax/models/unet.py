@@ -196,11 +196,19 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32  # activations (bfloat16 halves activation memory); params stay float32, output float32
   remat: bool = False  # recompute each ResnetBlock's activations in the backward pass: less memory, more compute
+  # Class conditioning (not in the paper; 0 = off, the paper's exact model): a learned embedding of the label, one of
+  # num_classes + 1 with the last the "null" label of classifier-free guidance, added to the timestep embedding.
+  num_classes: int = 0
+  # The share of training labels replaced by the null label (train_step.paper_loss draws it per example); it lets the
+  # one network also predict unconditionally, which guided sampling needs (Ho & Salimans 2021).
+  class_dropout: float = 0.0
 
   def __post_init__(self):
     super().__post_init__()
     if not self.ch_mult or self.num_res_blocks < 1:
       raise ValueError("model.ch_mult must be non-empty and model.num_res_blocks >= 1.")
+    if self.num_classes < 0 or not 0 <= self.class_dropout < 1:
+      raise ValueError("model.num_classes must be >= 0 (0 = unconditional) and model.class_dropout in [0, 1).")
     bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
     if bad:
       raise ValueError(f"model.ch × ch_mult gives {bad} channels, not divisible by GroupNorm's 32 groups; "
@@ -221,8 +229,14 @@ class UNet(nn.Module):
       raise ValueError(f"model.attn_resolutions {unused} never occur for image size {image_size} (the U-Net visits "
                        f"{self.resolutions(image_size)}); pick attn_resolutions from those.")
 
+  @property
+  def null_label(self):
+    """The label that asks for an unconditional prediction (the learned "null" class)."""
+    return self.num_classes
+
   @nn.compact
-  def __call__(self, x, t, train=False):
+  def __call__(self, x, t, train=False, labels=None):
+    """labels: int [B] in [0, num_classes] (num_classes = null) for a conditional model; None = all null."""
     self.check_image_size(x.shape[1])
     if x.shape[2] % 2 ** (len(self.ch_mult) - 1):
       raise ValueError(f"image width {x.shape[2]} is not divisible by 2^{len(self.ch_mult) - 1}.")
@@ -231,6 +245,15 @@ class UNet(nn.Module):
     levels = len(self.ch_mult)
     common = dict(dropout=self.dropout, resamp_with_conv=self.resamp_with_conv, dtype=self.dtype, remat=self.remat)
     temb = TimestepEmbed(self.ch, self.dtype, name="temb")(t)
+    if self.num_classes:
+      if labels is None:
+        labels = jnp.full(t.shape, self.null_label, jnp.int32)
+      if labels.shape != t.shape:
+        raise ValueError(f"labels must have shape [batch] = {t.shape}, got {labels.shape}.")
+      # As diffusers' UNet2DModel(num_class_embeds=num_classes + 1): after the timestep MLP, before each block's swish.
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype, name="label_emb")(labels)
+    elif labels is not None:
+      raise ValueError("labels were given to an unconditional U-Net; set model.num_classes to train a conditional one.")
 
     skips = [_conv(self.ch, "conv_in", dtype=self.dtype)(x.astype(self.dtype))]
     for level, mult in enumerate(self.ch_mult):

@@ -78,7 +78,7 @@ def evaluate_params(config, workdir, model, params, step, weights):
   it was measured on, with the checkpoint step and weights ('ema'). weights: the Inception file (None: no FID).
   """
   ev, T = config.eval, config.diffusion.num_timesteps
-  sampler = Sampler.from_config(config.sampling)
+  sampler = Sampler.from_config(config.sampling, config.model.num_classes)
   eval_dir = os.path.join(workdir, "eval")
   results = dict(checkpoint_step=step, weights="ema", sampler=sampler.chain_kwargs())
   logging.info("Evaluating the EMA params of step %d in %s", step, workdir)
@@ -118,7 +118,8 @@ def evaluate_params(config, workdir, model, params, step, weights):
       if config.data.source == "digits":  # the offline demo: how near the floor, and are the samples readable?
         results["digits"] = digits_quality.demo_report(
             samples.load_samples(sample_dir)[:ev.num_samples], fid_row["value"], feature_fn,
-            ev.inception_batch_size, ref_mu, ref_sigma, seed=config.seed)
+            ev.inception_batch_size, ref_mu, ref_sigma, seed=config.seed,
+            labels=samples.load_labels(sample_dir)[:ev.num_samples] if sampler.labels else None)
         logging.info("The digits demo against its goals:\n%s",
                      "\n".join(digits_quality.report_lines(results["digits"])))
     if num_bpd != 0:

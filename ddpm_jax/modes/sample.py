@@ -32,7 +32,7 @@ def write_samples(config, model, params, step, sampler, out_dir):
 
 def run(config, workdir):
   """Writes the samples; returns their directory."""
-  sampler = Sampler.from_config(config.sampling)
+  sampler = Sampler.from_config(config.sampling, config.model.num_classes)
   samples.check_sizes(config.sampling.num_samples, config.sampling.batch_size)
   model, params, step = trained_params.load(config, workdir)
   tag = sampler.tag(config.diffusion.num_timesteps)

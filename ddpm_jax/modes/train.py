@@ -21,6 +21,7 @@ from ddpm_jax.preemption import GracefulStop
 from ddpm_jax import progress
 from ddpm_jax import sampling
 from ddpm_jax import train_step
+from ddpm_jax.sampler import Sampler
 
 
 def _every(step, n):
@@ -29,13 +30,19 @@ def _every(step, n):
 
 
 def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step, workdir, writer):
-  """Samples a grid from the EMA params on all local devices; host 0 writes workdir/samples/step_N.png."""
+  """Samples a grid from the EMA params on all local devices; host 0 writes workdir/samples/step_N.png.
+
+  The paper's chain; a conditional model's grid has one column per class of config.sampling.labels, guided by its
+  guidance_scale.
+  """
   n = config.training.num_grid_samples
   n -= n % jax.local_device_count()
+  conditioning = Sampler.from_config(config.sampling, config.model.num_classes)
   report = progress.Progress(f"Sample grid of step {step}", diffusion.num_timesteps, "chain steps")
   x = sampling.sample_sharded(model, ema_params_replicated, diffusion, rng, n, images.image_shape(config.data),
-                              first_index=jax.process_index() * n, progress=report.update)
-  grid = images.make_grid(images.to_uint8(jax.device_get(x)))
+                              first_index=jax.process_index() * n, progress=report.update,
+                              labels=conditioning.labels, guidance_scale=conditioning.guidance_scale)
+  grid = images.make_grid(images.to_uint8(jax.device_get(x)), ncols=conditioning.grid_columns)
   if jax.process_index() == 0:
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
     images.save_png(path, grid, upscale=max(1, 512 // grid.shape[0]))
@@ -47,6 +54,8 @@ def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step
 _FIXED_FIELDS = ("model", "diffusion", "data.image_size", "data.channels", "training.batch_size")
 # …except these, which change how the same params are computed, not what they are: a resumed run may switch them.
 _FREE_FIELDS = ("model.dtype", "model.remat")
+# Fixed fields added after runs were made: an older workdir's config.json lacks them, and its run had these values.
+_ADDED_FIXED_FIELDS = {"model.num_classes": 0, "model.class_dropout": 0.0}
 
 
 def check_workdir_config(config, workdir):
@@ -54,7 +63,7 @@ def check_workdir_config(config, workdir):
   path = os.path.join(workdir, "config.json")
   new = flax.traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   if fileio.exists(path):
-    old = flax.traverse_util.flatten_dict(json.loads(fileio.read_text(path)), sep=".")
+    old = {**_ADDED_FIXED_FIELDS, **flax.traverse_util.flatten_dict(json.loads(fileio.read_text(path)), sep=".")}
     fixed = lambda k: any(k == f or k.startswith(f + ".") for f in _FIXED_FIELDS) and k not in _FREE_FIELDS
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if fixed(k) and old.get(k) != new.get(k)]
@@ -98,7 +107,7 @@ def _host_data(config, start_step):
   slots = (first + np.arange(local_devices * per_device)).reshape(local_devices, per_device)
   batches = input_pipeline.batches(config.data, seed=config.seed, global_batch_size=global_batch,
                                    start_step=start_step, num_local_devices=local_devices,
-                                   num_threads=config.data.num_threads)
+                                   num_threads=config.data.num_threads, num_classes=config.model.num_classes)
   return batches, slots
 
 
@@ -181,7 +190,8 @@ def train_and_evaluate(config, workdir, *, init_params=None, objective=train_ste
   model = train_step.create_model(config)
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   tx, _ = train_step.create_optimizer(config.optim)
-  input_pipeline.make_source(config.data)  # a bad data set fails here, before anything is compiled or written
+  # A bad data set (or labels that do not fit model.num_classes) fails here, before anything is compiled or written.
+  input_pipeline.make_source(config.data, config.model.num_classes)
   check_workdir_config(config, workdir)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   t_cfg, k = config.training, config.training.steps_per_dispatch
@@ -200,7 +210,8 @@ def train_and_evaluate(config, workdir, *, init_params=None, objective=train_ste
     run_steps = None
     with GracefulStop() as stop:
       while step < t_cfg.num_train_steps:
-        chunk = np.stack([next(batches) for _ in range(k)], axis=1)  # [devices, k, b, H, W, C]
+        # [devices, k, b, H, W, C] (and labels [devices, k, b])
+        chunk = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *[next(batches) for _ in range(k)])
         if run_steps is None:
           run_steps = train_step.compiled_train_steps(p_train_steps, state, chunk, slots, diffusion, train_rng, *extra)
         state, metrics = run_steps(state, chunk, slots, diffusion, train_rng, *extra)

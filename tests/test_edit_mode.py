@@ -1,0 +1,98 @@
+"""--mode=edit end to end on the tiny config: inputs from config.data, an .npz or a folder; named and file masks;
+known pixels kept exactly; the same edits whatever the batch split; SDEdit; one-line errors before any work."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from ddpm_jax import config_checks
+from ddpm_jax import fileio
+from ddpm_jax import paths
+from ddpm_jax.modes import edit
+from ddpm_jax.modes import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir holding a 2-step tiny run (the edits need params, not good ones)."""
+  workdir = str(tmp_path_factory.mktemp("edit_run"))
+  train.train_and_evaluate(edit_config(), workdir)
+  return workdir
+
+
+def edit_config(**fields):
+  config = tiny_config(num_train_steps=2)
+  config.edit.num_images, config.edit.num_steps, config.edit.jumps, config.edit.jump_length = 12, 6, 2, 3
+  config.sampling.batch_size = 8
+  config.edit.update(fields)
+  return config
+
+
+def _results(out_dir):
+  f = fileio.load_npz(os.path.join(out_dir, "edited.npz"))
+  return f["arr_0"], f["arr_1"], f["arr_2"]
+
+
+def test_inpainting_keeps_the_known_pixels_and_does_not_depend_on_the_batch(trained):
+  config = edit_config()
+  config_checks.validate(config, "edit")
+  out = edit.run(config, trained)
+  assert os.path.basename(out) == "step_00000002_inpaint_half_6_j2x3"
+  assert os.path.isfile(os.path.join(out, "sheet.png"))
+  edited, inputs, masks = _results(out)
+  assert edited.shape == inputs.shape == (12, 8, 8, 1) and masks.shape == (12, 8, 8, 1)
+  np.testing.assert_array_equal(masks[:, :4], 1)  # 'half': the top half is known…
+  np.testing.assert_array_equal(masks[:, 4:], 0)
+  np.testing.assert_array_equal(edited[:, :4], inputs[:, :4])  # …and kept exactly
+  assert np.abs(edited[:, 4:].astype(int) - inputs[:, 4:]).mean() > 5  # the rest was generated
+  # A global batch of 16 (a padded last batch of 12 here) gives the same edits as batches of 8.
+  config.sampling.batch_size = 16
+  os.rename(out, out + "_batch8")
+  np.testing.assert_array_equal(_results(edit.run(config, trained))[0], edited)
+
+
+def test_inputs_and_masks_from_files_and_sdedit(trained, tmp_path):
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+  np.savez(tmp_path / "inputs.npz", inputs)
+  os.mkdir(tmp_path / "masks")
+  for i in range(12):  # keep the left half of each image, as PNGs
+    Image.fromarray(np.repeat([[255] * 4 + [0] * 4], 8, axis=0).astype(np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+  config = edit_config(inputs=str(tmp_path / "inputs.npz"), masks=str(tmp_path / "masks"))
+  config_checks.validate(config, "edit")
+  edited, read, masks = _results(edit.run(config, trained))
+  np.testing.assert_array_equal(read, inputs)
+  np.testing.assert_array_equal(masks[..., :4, :], 1)
+  np.testing.assert_array_equal(edited[..., :4, :], inputs[..., :4, :])
+
+  sdedit = edit_config(task="sdedit", strength=0.3, inputs=str(tmp_path / "inputs.npz"))
+  out = edit.run(sdedit, trained)
+  assert os.path.basename(out) == "step_00000002_sdedit_0.3_6"
+  edited, _, _ = _results(out)
+  assert edited.shape == inputs.shape and not np.array_equal(edited, inputs)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(masks="left"), "edit.masks = 'left': neither a mask name nor an existing file or folder"),
+    (dict(inputs="no/such.npz"), "edit.inputs = 'no/such.npz': no such file or folder"),
+    (dict(jump_length=7, jumps=2), "edit.jump_length = 7: jump_length 7 exceeds the chain's 6 steps"),
+    (dict(task="sdedit", strength=0.0), "edit.strength = 0.0: out of range"),
+    (dict(num_steps=101), "edit.num_steps = 101: more than the diffusion's T = 100 steps"),
+    (dict(task="repaint"), "edit.task = 'repaint': unknown value"),
+])
+def test_edit_config_mistakes_are_one_line_errors(fields, message):
+  with pytest.raises(ValueError, match=message) as e:
+    config_checks.validate(edit_config(**fields), "edit")
+  assert "\n" not in str(e.value)
+
+
+def test_mask_names_stay_names_and_mask_paths_become_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "m.npz").write_bytes(b"")
+  named, path = edit_config(masks="half", inputs="x.npz"), edit_config(masks="m.npz")
+  paths.absolute_config_paths(named)
+  paths.absolute_config_paths(path)
+  assert named.edit.masks == "half" and named.edit.inputs == str(tmp_path / "x.npz")
+  assert path.edit.masks == str(tmp_path / "m.npz")
