@@ -260,7 +260,9 @@ class _UnetApply:
   guidance_scale: float = 0.0
 
   def __call__(self, params, labels, x_t, t):
-    apply = lambda x, tt, y: self.model.apply({"params": params}, x, tt, train=False, labels=y)
+    # Labels only when given: any Flax module taking (x, t, train) works unconditionally (tests use stand-ins).
+    apply = lambda x, tt, y: self.model.apply({"params": params}, x, tt, train=False,
+                                              **({} if y is None else dict(labels=y)))
     if labels is None or not self.guidance_scale:
       return apply(x_t, t, labels)
     # Classifier-free guidance (Ho & Salimans 2021): the conditional and the null-label passes as one batch of 2B.
