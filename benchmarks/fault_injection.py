@@ -2,9 +2,11 @@
 
   python benchmarks/fault_injection.py --kills=10 --signal=KILL [--corrupt_latest] [--seed=0] [--workdir=DIR]
 
-Prints `kills survived / kills tried, steps lost, final params equal`. With --signal=TERM each kill is a graceful
-stop (checkpoint, exit 0); with --corrupt_latest the newest checkpoint is truncated after every kill, so each resume
-must fall back to the one before. A persistent compilation cache makes the restarts cheap.
+Prints `kills survived / kills tried, steps lost, final params equal`. A kill survived when it landed mid-run and
+the run it stopped left a resumable workdir: with --signal=KILL the process died of the signal; with --signal=TERM
+(a graceful stop) it saved the step it reached and exited 0 within STOP_SECONDS. With --corrupt_latest the newest
+checkpoint is truncated after every kill, so each resume must fall back to the one before. A persistent compilation
+cache (JAX_COMPILATION_CACHE_DIR if set, else one in the workdir) makes the restarts cheap.
 """
 import argparse
 import glob
@@ -26,9 +28,14 @@ TINY = ["--config=configs/digits.py", "--config.data.image_size=8", "--config.mo
         "--config.training.sample_every_steps=0", "--config.training.keep_checkpoints=5"]
 
 
+STOP_SECONDS = 30  # a Cloud TPU preemption notice
+
+
 def _env(cache_dir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  """One CPU device; the caller's compilation cache (e.g. the test suite's, shared by every test) or cache_dir."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
   return env
 
 
@@ -79,21 +86,30 @@ def run(kills, sig, corrupt_latest, seed, workdir, steps):
         first = seen if first is None else first
         if seen - first + 1 >= target:
           break
-    if proc.poll() is None:
+    landed = proc.poll() is None  # not after the run had ended
+    if landed:
       proc.send_signal(signal.SIGKILL if sig == "KILL" else signal.SIGTERM)
-    proc.communicate(timeout=120)
+    sent = time.time()
+    rest = proc.communicate(timeout=120)[1]
+    stop_seconds = time.time() - sent
     ckpts = [int(d) for d in os.listdir(os.path.join(victim, "checkpoints")) if d.isdigit()]
     saved = max(ckpts) if ckpts else 0
+    if sig == "KILL":
+      ok = landed and proc.returncode == -signal.SIGKILL
+    else:  # the step it reached is saved, and it exits 0 before the preemption notice runs out
+      ok = (landed and proc.returncode == 0 and stop_seconds < STOP_SECONDS and seen is not None and saved >= seen
+            and "Stopped at step" in rest)
     if corrupt_latest and _corrupt_latest(victim) is not None:
       saved = sorted(ckpts)[-2]
     steps_lost += max(0, (seen or 0) - saved)
-    print(f"kill {k + 1}: signal {sig} after step {seen}, resuming from step {saved}", flush=True)
-    survived += 1
+    print(f"kill {k + 1}: signal {sig} after step {seen}; exit status {proc.returncode} {stop_seconds:.1f} s later; "
+          f"resuming from step {saved}{'' if ok else ' (NOT SURVIVED)'}", flush=True)
+    survived += ok
   subprocess.run(_cmd(victim, steps), cwd=REPO, env=env, check=True, capture_output=True)
   (ref_step, ref_leaves), (step, leaves) = final_params(ref), final_params(victim)
   equal = ref_step == step == steps and all(np.array_equal(a, b) for a, b in zip(ref_leaves, leaves))
   print(f"kills survived / kills tried: {survived} / {kills}, steps lost: {steps_lost}, final params equal: {equal}")
-  return equal
+  return equal and survived == kills
 
 
 def main():

@@ -68,6 +68,11 @@ TINY_FLAGS = ("--config=configs/digits.py", "--config.data.image_size=8", "--con
               "--config.training.checkpoint_every_steps=2", "--config.training.sample_every_steps=0")
 
 
+# XLA flags for subprocesses whose outputs a test checks for their form, not their digits (examples, benchmarks,
+# notebooks): no LLVM optimisation, which halves their compiles. Their numbers come from full-speed runs.
+UNOPTIMISED_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def one_device_env():
   return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
 

@@ -8,14 +8,15 @@ import sys
 
 import pytest
 
+from conftest import REPO, UNOPTIMISED_XLA
+
 pytest.importorskip("torch", reason="the benchmark compares against PyTorch (the test extra)")
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers (the test extra)")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_fast_samplers_tiny(tmp_path):
   # One CPU device (conftest asks for 8): the script's own setting when run by hand.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=UNOPTIMISED_XLA)
   out = tmp_path / "bench"
   proc = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_fast_samplers.py"), "--tiny",
                          f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

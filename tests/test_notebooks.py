@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import UNOPTIMISED_XLA
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -33,8 +35,7 @@ def run(name, tmp_path):
   env = dict(os.environ,
              DDPM_NOTEBOOK_SMOKE="1", DDPM_NOTEBOOK_WORKDIR=str(workdir),
              JAX_PLATFORMS="cpu",
-             # One CPU device (conftest's 8 are for this process only); LLVM -O0 halves the compile times.
-             XLA_FLAGS="--xla_backend_optimization_level=0",
+             XLA_FLAGS=UNOPTIMISED_XLA,  # one CPU device (conftest's 8 are for this process only)
              HF_HUB_OFFLINE="1", TFDS_DATA_DIR=str(tmp_path / "tfds"),
              TF_CPP_MIN_LOG_LEVEL="2")
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",

@@ -19,15 +19,17 @@ SHORT = ("--config.diffusion.num_timesteps=20", "--config.training.steps_per_dis
          "--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=2",
          "--config.training.log_every_steps=2", "--config.training.sample_every_steps=4",
          "--config.training.num_grid_samples=4", "--config.training.fid_every_steps=0")
-# Per mode, on top: 6 samples in batches of 4 for --mode=sample (the last batch short), 8 otherwise, Inception passes of 8 images (not 100, 92 of them padding), 4 examples for bits/dim,
-# one sweep point (each point of each sampler compiles its own chain; sweeps on the same workdir share a point's
-# samples), and reference statistics from a file (computing them from all 1,797 digits is minutes of Inception on a
-# CPU; tests/test_evaluate.py covers that stage and tests/test_sampler_sweep.py a sweep of two points).
+# Per mode, on top: 6 samples in batches of 4 for --mode=sample (the last batch short), 8 otherwise, Inception
+# passes of 8 images (not 100, 92 of them padding), 4 examples for bits/dim, no figures in --mode=eval (their four
+# programs compile in tests/test_evaluate.py, which runs that mode with them), one sweep point (each point of each
+# sampler compiles its own chain; sweeps on the same workdir share a point's samples), and reference statistics
+# from a file (computing them from all 1,797 digits is minutes of Inception on a CPU; tests/test_evaluate.py covers
+# that stage and tests/test_sampler_sweep.py a sweep of two points).
 MODE_SHORT = dict(
     train=(),
     sample=("--config.sampling.num_samples=6", "--config.sampling.batch_size=4"),
     eval=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.inception_batch_size=8",
-          "--config.eval.bpd_num_examples=4", "--config.eval.bpd_batch_size=4", "--config.eval.figures_num_examples=2",
+          "--config.eval.bpd_num_examples=4", "--config.eval.bpd_batch_size=4", "--config.eval.figures=False",
           "--config.eval.ref_stats=runs/ref_stats.npz"),
     sweep=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.inception_batch_size=8",
            "--config.eval.sweep_steps=(5,)", "--config.eval.ref_stats=runs/ref_stats.npz"),
@@ -96,7 +98,13 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
     if tuple(shown) in ran:
       continue
     ran.add(tuple(shown))
-    _run(project, [sys.executable, "main.py"] + shown, "--config.training.num_train_steps=6")
+    # Six steps, and no sample grid: the set-up command above drew one (each grid's chain compiles anew). The
+    # 16×16 commands run at the demo's 8×8: the size is a shape, not a code path, and their programs compiled anew
+    # would take a minute of the 2 cores.
+    at_8 = ("--config.data.image_size=8", "--config.model.attn_resolutions=(4,)")
+    at_8 = at_8 if "--config.data.image_size=16" in shown else ()
+    _run(project, [sys.executable, "main.py"] + shown, "--config.training.num_train_steps=6",
+         "--config.training.sample_every_steps=0", *at_8)
     modes.add(next((a.split("=", 1)[1] for a in shown if a.startswith("--mode=")), "train"))
     print(f"ran {path}: python {' '.join(shown)}")
   assert {"train", "sample", "eval", "sweep", "distill", "edit"} <= modes

@@ -19,7 +19,7 @@ import unwritable_checkpoints_worker
 
 
 def test_restart_with_a_different_model_is_refused_and_nothing_is_touched(tmp_path):
-  train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+  trained = train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
   before = sorted(glob.glob(str(tmp_path / "**"), recursive=True))
   config = tiny_config(num_train_steps=4)
   config.model.ch = 64
@@ -28,16 +28,18 @@ def test_restart_with_a_different_model_is_refused_and_nothing_is_touched(tmp_pa
     train.train_and_evaluate(config, str(tmp_path))
   assert "\n" not in str(e.value)
   assert sorted(glob.glob(str(tmp_path / "**"), recursive=True)) == before
-  # The run length may change, and so may remat (how the params are computed, not what they are), also for a
-  # workdir recorded before model.remat existed.
+  # remat may change (how the params are computed, not what they are), also for a workdir recorded before
+  # model.remat existed: the remat model restores the checkpoint as it is (test_unet.py checks its gradients).
   with open(tmp_path / "config.json") as f:
     recorded = json.load(f)
   del recorded["model"]["remat"]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(recorded, f)
-  config = tiny_config(num_train_steps=4)
+  config = tiny_config(num_train_steps=2)
   config.model.remat = True
-  assert int(train.train_and_evaluate(config, str(tmp_path)).step) == 4
+  restored = train.train_and_evaluate(config, str(tmp_path))
+  assert int(restored.step) == 2
+  assert_trees_equal(restored.params, trained.params)
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
@@ -69,25 +71,6 @@ def test_nonfinite_steps_stop_the_run_or_are_skipped(tmp_path):
   state = train.train_and_evaluate(config, str(tmp_path / "skip"))
   assert int(state.step) == 4
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))  # no NaN reached the state
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
-  # TINY_FLAGS' run (its compiled step is in the shared cache), with no checkpoint but the one SIGTERM asks for.
-  cmd = [sys.executable, "main.py", *TINY_FLAGS, f"--workdir={tmp_path}", "--config.training.num_train_steps=100000",
-         "--config.training.checkpoint_every_steps=0"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=one_device_env(), stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 120
-  for line in proc.stderr:  # wait until steps are running
-    if "loss=" in line or time.time() > deadline:
-      break
-  proc.send_signal(signal.SIGTERM)
-  sent = time.time()
-  rest = proc.communicate(timeout=60)[1]
-  assert proc.returncode == 0, rest[-2000:]
-  assert time.time() - sent < 30  # inside a Cloud TPU preemption notice
-  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-  assert len(steps) == 1 and steps[0] > 0
-  assert "Stopped at step" in rest
 
 
 def test_sampling_errors_are_one_line_and_write_nothing(tmp_path):
