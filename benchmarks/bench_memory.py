@@ -44,15 +44,13 @@ def _reset_peak():
 
 def child(variant, model_name, batch, steps, threads):
   """Runs in the child: builds the variant, runs the steps, prints one JSON line."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import cifar10  # pylint: disable=g-import-not-at-top
-  config = cifar10.get_config()
-  fields, size = common.MODELS[model_name]
-  batch_np = np.random.default_rng(0).uniform(-1, 1, size=(batch, size, size, 3)).astype(np.float32)
+  config = common.train_config(model_name)
+  fields, size, channels = common.MODELS[model_name]
+  batch_np = common.random_batch(model_name, batch)
   if variant == "diffusers":
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(threads)
-    model = common.diffusers_unet(**fields, size=size, dropout=config.model.dropout)
+    model = common.diffusers_unet(**fields, size=size, channels=channels, dropout=config.model.dropout)
     base = _status_mib("VmRSS")
     step, _ = common.torch_train_step(model, config, batch_np)  # runs the first step
   else:
@@ -62,8 +60,9 @@ def child(variant, model_name, batch, steps, threads):
     from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
     options = dict(VARIANTS[variant][0])
     options["dtype"] = jnp.dtype(options.get("dtype", "float32"))
-    model = unet.UNet(out_ch=3, dropout=config.model.dropout, **fields, **options)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32))
+    model = unet.UNet(out_ch=channels, dropout=config.model.dropout, **fields, **options)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)),
+                                 jnp.zeros((1,), jnp.int32))
     params = jax.block_until_ready(params["params"])
     base = _status_mib("VmRSS")
     step, _, _, _ = common.ours_train_step(model, params, config, batch_np)  # compiles, runs the first step

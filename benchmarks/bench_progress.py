@@ -28,7 +28,7 @@ def model_and_params(name):
   """(U-Net, params, image shape): the digits demo's U-Net (configs/digits.py), or the tiny one of common.MODELS."""
   config = digits.get_config()
   if name == "tiny":
-    fields, size = common.MODELS["tiny"]
+    fields, size, _ = common.MODELS["tiny"]
     config.model.update(fields)
     config.data.image_size = size
   model = train_step.create_model(config)

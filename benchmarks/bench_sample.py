@@ -9,38 +9,14 @@ each makes S calls; the paper's chain is --steps=1000. Each round runs our chain
 forwards of each framework, the order reversed every other round; medians. The last line is the headline.
 """
 import argparse
-import time
 
 import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
 
-import diffusers
-import jax
 import numpy as np
 import torch
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import sampling
-
-
-def ours_chain(model, params, steps, shape):
-  """(chain fn, compile seconds): sampling.sample_loop over all steps, one compiled call (AOT-compiled here)."""
-  diffusion = diffusion_lib.GaussianDiffusion(diffusion_lib.get_beta_schedule("linear", num_timesteps=steps))
-  chain = jax.jit(lambda p, rng: sampling.sample_loop(sampling.unet_model_fn(model, p), diffusion, rng, shape))
-  rng = jax.random.PRNGKey(0)
-  t0 = time.perf_counter()
-  compiled = chain.lower(params, rng).compile()
-  return lambda: compiled(params, rng).block_until_ready(), time.perf_counter() - t0
-
-
-def diffusers_pipeline(model_pt, steps, batch):
-  """DDPMPipeline with the paper's settings (fixed-large variance, clipped x̂0): its chain fn, warmed up."""
-  scheduler = diffusers.DDPMScheduler(num_train_timesteps=steps, beta_start=1e-4, beta_end=0.02,
-                                      beta_schedule="linear", variance_type="fixed_large", clip_sample=True)
-  pipe = diffusers.DDPMPipeline(unet=model_pt.eval(), scheduler=scheduler)
-  pipe.set_progress_bar_config(disable=True)
-  gen = torch.Generator().manual_seed(0)
-  pipe(batch_size=batch, num_inference_steps=min(2, steps), generator=gen, output_type="np")  # warm-up
-  return lambda: pipe(batch_size=batch, num_inference_steps=steps, generator=gen, output_type="np")
+from ddpm_jax.sampler import Sampler
 
 
 def main():
@@ -55,15 +31,18 @@ def main():
     args.model, args.steps, args.batch, args.repeats, args.forwards = "tiny", 5, 2, 1, 2
   torch.set_num_threads(args.threads)
   ours, params, theirs, size = common.matched_models(args.model)
-  shape = (args.batch, size, size, 3)
+  channels = common.MODELS[args.model][2]
+  shape = (args.batch, size, size, channels)
   for line in common.machine_info(args.threads):
     print(line)
-  print(f"model: {args.model} ({size}×{size}×3), batch {args.batch}, {args.steps} steps; {args.repeats} rounds\n")
+  print(f"model: {args.model} ({size}×{size}×{channels}), batch {args.batch}, {args.steps} steps; "
+        f"{args.repeats} rounds\n")
 
-  chain, compile_s = ours_chain(ours, params, args.steps, shape)
+  diffusion = diffusion_lib.GaussianDiffusion(diffusion_lib.get_beta_schedule("linear", num_timesteps=args.steps))
+  chain, compile_s = common.ours_chain(ours, params, diffusion, shape, Sampler())  # the paper's chain, all T steps
   x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)  # a chain's x_T-like input, at t = 500
   forward, forward_pt = common.ours_forward(ours, params, x), common.torch_forward(theirs, x)
-  pipe = diffusers_pipeline(theirs, args.steps, args.batch)
+  pipe, _ = common.diffusers_chain(theirs, common.ddpm_scheduler(args.steps), args.steps, args.batch)
   forward()
   forward_pt()
 

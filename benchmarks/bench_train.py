@@ -1,6 +1,7 @@
 """Train step of the CIFAR-10 U-Net: ddpm-jax's own pmapped step against diffusers' UNet2DModel + torch Adam.
 
   python benchmarks/bench_train.py [--batch 8 32] [--repeats=5] [--warmup=2] [--threads=N] [--remat] [--quick]
+  python benchmarks/bench_train.py --model digits --batch 64   # the offline demo's U-Net and step (configs/digits.py)
 
 Both sides start from the same weights and do the same work per step: draw t and ε, q_sample, forward with dropout
 0.1, MSE on ε, backward, clip to global norm 1, Adam, EMA. Ours is `train_step.pmapped_train_steps`, the step training
@@ -17,8 +18,6 @@ import jax
 import numpy as np
 import torch
 
-from configs import cifar10
-
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,19 +31,20 @@ def main():
   if args.quick:
     args.model, args.batch, args.repeats, args.warmup = "tiny", [2], 1, 0
   torch.set_num_threads(args.threads)
-  config = cifar10.get_config()
+  config = common.train_config(args.model)
   ours, params, theirs, size = common.matched_models(args.model, dropout=config.model.dropout, remat=args.remat,
                                                      dtype=jax.numpy.dtype(args.dtype))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   matmul, matmul_flops = common.matmul_peak_fn()
   for line in common.machine_info(args.threads):
     print(line)
-  print(f"model: {args.model} ({n_params:,} params, {size}×{size}×3), remat={args.remat}, dtype={args.dtype}; "
-        f"{args.repeats} timed rounds after {args.warmup} warm-up\n")
+  channels = common.MODELS[args.model][2]
+  print(f"model: {args.model} ({n_params:,} params, {size}×{size}×{channels}), remat={args.remat}, "
+        f"dtype={args.dtype}; {args.repeats} timed rounds after {args.warmup} warm-up\n")
 
   rows, ratios = [], []
   for b in args.batch:
-    batch_np = np.random.default_rng(0).uniform(-1, 1, size=(b, size, size, 3)).astype(np.float32)
+    batch_np = common.random_batch(args.model, b)
     step_ours, compile_s, first_ours, flops = common.ours_train_step(ours, params, config, batch_np)
     step_pt, first_pt = common.torch_train_step(theirs, config, batch_np)
     fns = dict(ours=step_ours, diffusers=step_pt, matmul=matmul)

@@ -13,10 +13,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-# name → (our U-Net fields, image side). 'tiny' is for smoke tests: every kind of block, 0.7M parameters.
+# name → (our U-Net fields, image side, channels). 'digits' is the offline demo's (configs/digits.py: grayscale 8×8,
+# 1.1M parameters); 'tiny' is for smoke tests: every kind of block, 0.7M parameters.
 MODELS = {
-    "cifar10": (dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)), 32),
-    "tiny": (dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)), 8),
+    "cifar10": (dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)), 32, 3),
+    "digits": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,)), 8, 1),
+    "tiny": (dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)), 8, 3),
 }
 
 
@@ -44,14 +46,29 @@ def machine_info(threads):
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"]
 
 
-def diffusers_unet(ch, ch_mult, num_res_blocks, attn_resolutions, size, dropout=0.0, seed=0):
+def train_config(name):
+  """The config whose train step (optimizer, dropout, diffusion) the scripts run for model `name`: the demo's own
+  for 'digits', CIFAR-10's otherwise."""
+  from configs import cifar10, digits  # pylint: disable=g-import-not-at-top
+  return (digits if name == "digits" else cifar10).get_config()
+
+
+def random_batch(name, batch, seed=0):
+  """[batch, side, side, channels] float32 images of model `name`, uniform in the data's range [-1, 1]."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  _, size, channels = MODELS[name]
+  return np.random.default_rng(seed).uniform(-1, 1, size=(batch, size, size, channels)).astype(np.float32)
+
+
+def diffusers_unet(ch, ch_mult, num_res_blocks, attn_resolutions, size, channels=3, dropout=0.0, seed=0):
   """diffusers' UNet2DModel laid out as the paper's U-Net (attention on the levels at attn_resolutions)."""
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from ddpm_jax import pretrained  # pylint: disable=g-import-not-at-top  # no JAX: bench_memory's PyTorch child
   torch.manual_seed(seed)
-  return diffusers.UNet2DModel(**pretrained.diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions,
-                                                                  size, dropout))
+  kwargs = pretrained.diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, size, dropout)
+  # diffusers_unet_kwargs names RGB; the image channels are the only difference for grayscale models.
+  return diffusers.UNet2DModel(**dict(kwargs, in_channels=channels, out_channels=channels))
 
 
 def matched_models(name, dropout=0.0, **unet_kwargs):
@@ -60,10 +77,11 @@ def matched_models(name, dropout=0.0, **unet_kwargs):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ddpm_jax import pretrained  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
-  fields, size = MODELS[name]
-  ours = unet.UNet(out_ch=3, dropout=dropout, **fields, **unet_kwargs)
-  theirs = diffusers_unet(**fields, size=size, dropout=dropout)
-  abstract = jax.eval_shape(ours.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32))
+  fields, size, channels = MODELS[name]
+  ours = unet.UNet(out_ch=channels, dropout=dropout, **fields, **unet_kwargs)
+  theirs = diffusers_unet(**fields, size=size, channels=channels, dropout=dropout)
+  abstract = jax.eval_shape(ours.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)),
+                            jnp.zeros((1,), jnp.int32))
   state = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
   params = pretrained.params_from_diffusers(state, abstract["params"], len(fields["ch_mult"]))
   return ours, params, theirs, size
@@ -127,6 +145,42 @@ def ours_forward(model, params, batch_np, t=500):
   return forward
 
 
+def ours_chain(model, params, diffusion, shape, sampler):
+  """(chain fn, compile s): `sampler`'s (ddpm_jax.sampler.Sampler) whole chain, sampling.sample_loop as one
+  AOT-compiled call; the fn runs it and waits."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  chain = jax.jit(lambda p, rng: sampling.sample_loop(sampling.unet_model_fn(model, p), diffusion, rng, shape,
+                                                      **sampler.chain_kwargs()))
+  rng = jax.random.PRNGKey(0)
+  t0 = time.perf_counter()
+  compiled = chain.lower(params, rng).compile()
+  return lambda: compiled(params, rng).block_until_ready(), time.perf_counter() - t0
+
+
+def ddpm_scheduler(num_timesteps=1000):
+  """diffusers' DDPMScheduler with the paper's settings: linear β from 1e-4 to 0.02 over num_timesteps, fixed-large
+  variance, clipped x̂0."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  return diffusers.DDPMScheduler(num_train_timesteps=num_timesteps, beta_start=1e-4, beta_end=0.02,
+                                 beta_schedule="linear", variance_type="fixed_large", clip_sample=True)
+
+
+def diffusers_chain(model_pt, scheduler, steps, batch, device="cpu"):
+  """(chain fn, first-call s): DDPMPipeline's loop (UNet, then scheduler.step) with `scheduler`, `steps` calls, on
+  `device`; the first call, the timed warm-up, runs min(2, steps) of them."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  pipe = diffusers.DDPMPipeline(unet=model_pt.to(device).eval(), scheduler=scheduler)
+  pipe.set_progress_bar_config(disable=True)
+  gen = torch.Generator(device).manual_seed(0)
+  t0 = time.perf_counter()
+  pipe(batch_size=batch, num_inference_steps=min(2, steps), generator=gen, output_type="np")
+  first_s = time.perf_counter() - t0
+  # output_type="np" copies the images to the host, so the call waits for the device.
+  return lambda: pipe(batch_size=batch, num_inference_steps=steps, generator=gen, output_type="np"), first_s
+
+
 def torch_forward(model_pt, batch_np, t=500):
   """One forward of the diffusers U-Net at noise level t, in eval mode and without autograd. batch_np [b, H, W, C]."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -141,11 +195,12 @@ def torch_forward(model_pt, batch_np, t=500):
   return forward
 
 
-def torch_train_step(model_pt, config, batch_np):
+def torch_train_step(model_pt, config, batch_np, device="cpu", autocast_dtype=None):
   """(step fn, first-step s): draw t and ε, q_sample, forward, MSE, backward, clip, torch Adam, EMA.
 
-  The usual PyTorch loop, with the same settings as config (constant lr: the warmup's cost is nil). Imports no JAX,
-  so that bench_memory's PyTorch process holds PyTorch alone.
+  The usual PyTorch loop, with the same settings as config (constant lr: the warmup's cost is nil), on `device`
+  (the model is moved there); autocast_dtype (e.g. torch.bfloat16) runs the forward and loss under torch.autocast,
+  the usual mixed precision. Imports no JAX, so that bench_memory's PyTorch process holds PyTorch alone.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -153,26 +208,28 @@ def torch_train_step(model_pt, config, batch_np):
   if d.beta_schedule != "linear":
     raise ValueError(f"only the linear schedule is set up here, got {d.beta_schedule!r}.")
   betas = np.linspace(d.beta_start, d.beta_end, d.num_timesteps, dtype=np.float64)
-  alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
-  model_pt.train()
+  alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32, device=device)
+  model_pt.to(device).train()
   weights = list(model_pt.parameters())
   opt = torch.optim.Adam(weights, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
   ema = [w.detach().clone() for w in weights]
-  x0 = torch.from_numpy(np.ascontiguousarray(batch_np.transpose(0, 3, 1, 2)))
-  gen = torch.Generator().manual_seed(0)
+  x0 = torch.from_numpy(np.ascontiguousarray(batch_np.transpose(0, 3, 1, 2))).to(device)
+  gen = torch.Generator(device).manual_seed(0)
+  autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
   def step():
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=gen, device=device)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    loss = torch.nn.functional.mse_loss(model_pt(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample, noise)
+    with autocast:
+      loss = torch.nn.functional.mse_loss(model_pt(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample, noise)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(weights, o.grad_clip)
     opt.step()
     with torch.no_grad():
       torch._foreach_lerp_(ema, weights, 1.0 - o.ema_decay)  # pylint: disable=protected-access
-    return loss.item()
+    return loss.item()  # waits for the device
   t0 = time.perf_counter()
   step()
   return step, time.perf_counter() - t0
@@ -199,12 +256,12 @@ def spread(xs):
   return f"{min(xs):.3f}–{max(xs):.3f}"
 
 
-def matmul_peak_fn(n=2048, calls=4):
-  """(fn, flops): fn runs `calls` float32 n×n matmuls (jitted, blocking) — a practical peak for this CPU."""
+def matmul_peak_fn(n=2048, calls=4, dtype="float32"):
+  """(fn, flops): fn runs `calls` n×n matmuls of dtype (jitted, blocking) — a practical peak for this device."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
   dot = jax.jit(jnp.dot)
   dot(a, b).block_until_ready()
 

@@ -24,10 +24,7 @@ import time
 import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
 
 import jax
-import numpy as np
 import torch
-
-from configs import cifar10
 
 CLASSES = ("conv forward", "conv input grad", "conv weight grad", "conv backward (both)", "matmul",
            "layout (transpose/copy)", "reduction", "elementwise and other")
@@ -154,13 +151,13 @@ def main():
   if args.quick:
     args.model, args.batch, args.steps = "tiny", 2, 1
   torch.set_num_threads(args.threads)
-  config = cifar10.get_config()
+  config = common.train_config(args.model)
   ours, params, theirs, size = common.matched_models(args.model, dropout=config.model.dropout)
   for line in common.machine_info(args.threads):
     print(line)
   what = "forward passes" if args.forward else "train steps"
   print(f"model: {args.model}, batch {args.batch}, {args.steps} profiled {what} each after 3 warm-up calls\n")
-  batch_np = np.random.default_rng(0).uniform(-1, 1, size=(args.batch, size, size, 3)).astype(np.float32)
+  batch_np = common.random_batch(args.model, args.batch)
   if args.forward:
     step_ours, step_pt = common.ours_forward(ours, params, batch_np), common.torch_forward(theirs, batch_np)
   else:

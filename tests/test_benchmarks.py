@@ -6,25 +6,30 @@ import sys
 
 import pytest
 
+from conftest import REPO, UNOPTIMISED_XLA
+
 pytest.importorskip("torch", reason="the benchmarks compare against PyTorch (the test extra)")
 pytest.importorskip("diffusers", reason="the benchmarks compare against diffusers (the test extra)")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("bench_train.py", "bench_sample.py", "bench_memory.py", "profile_train.py", "bench_conv_grad.py")
+# name → the command, run from the repository's root.
+COMMANDS = {s: [sys.executable, os.path.join("benchmarks", s), "--quick"]
+            for s in ("bench_train.py", "bench_sample.py", "bench_memory.py", "profile_train.py", "bench_conv_grad.py")}
+COMMANDS["accelerator.sh"] = ["bash", os.path.join("benchmarks", "accelerator.sh"), "--tiny"]
 
 
 @pytest.fixture(scope="module")
 def outputs():
-  """script → its stdout lines. They run at once: most of their time is imports and single-threaded compiles."""
+  """name → its stdout lines. They run at once: most of their time is imports and single-threaded compiles."""
   # One CPU device (conftest asks for 8); no LLVM optimisation: this checks that the scripts work, not their speed.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-  procs = {s: subprocess.Popen([sys.executable, os.path.join("benchmarks", s), "--quick"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
+  # PYTHON: the interpreter accelerator.sh runs (this one, whatever the PATH).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHON=sys.executable,
+             XLA_FLAGS=UNOPTIMISED_XLA)
+  procs = {name: subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, argv in COMMANDS.items()}
   result = {}
-  for script, proc in procs.items():
+  for name, proc in procs.items():
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"{script} failed:\n{err[-3000:]}"
-    result[script] = out.strip().splitlines()
+    assert proc.returncode == 0, f"{name} failed:\n{err[-3000:]}"
+    result[name] = out.strip().splitlines()
   return result
 
 
@@ -71,6 +76,28 @@ def test_bench_conv_grad_quick(outputs):
   assert m and float(m.group(1)) > 0, lines[-1]
 
 
+def test_accelerator_tiny(outputs):
+  """accelerator.sh --tiny: every figure of the summary table parses and is > 0, on both sides."""
+  lines = outputs["accelerator.sh"]
+  assert re.fullmatch(r"device: .+; whole run \d+ s \(budget 8 min\)", lines[-1]), lines[-1]
+  start = next(i for i, l in enumerate(lines) if l.startswith("summary: "))
+  rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in lines[start + 3:] if r[:1] == "|"}
+  assert len(rows) == 10 and any(n.startswith("train steps/s, batch 2, bfloat16") for n in rows), list(rows)
+  assert any(n.startswith("images/s, 4-step DPM-Solver++") for n in rows), list(rows)
+  for name, cells in rows.items():
+    assert len(cells) == 3 and all(float(c) > 0 for c in cells), (name, cells)  # ours, PyTorch, their ratio
+
+
+def test_digits_model_is_the_demos():
+  """common.MODELS['digits'] is configs/digits.py's U-Net and images."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import common  # pylint: disable=g-import-not-at-top
+  fields, size, channels = common.MODELS["digits"]
+  config = common.train_config("digits")
+  assert {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.model.items() if k in fields} == fields
+  assert (size, channels) == (config.data.image_size, config.data.channels) == (8, 1)
+
+
 def test_profile_classes_of_a_convolutions_gradients():
   """The profile's HLO classes on a program whose convolutions are known: one of each kind."""
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -91,10 +118,9 @@ def test_profile_of_one_forward_pass_on_the_tiny_model():
   """--forward: both frameworks' forward calls run and our profile finds the forward convolutions, nothing else."""
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import common  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import profile_train  # pylint: disable=g-import-not-at-top
   ours, params, theirs, size = common.matched_models("tiny")
-  batch = np.random.default_rng(0).uniform(-1, 1, size=(2, size, size, 3)).astype(np.float32)
+  batch = common.random_batch("tiny", 2)
   call_ours, call_theirs = common.ours_forward(ours, params, batch), common.torch_forward(theirs, batch)
   call_theirs()
   seconds, wall = profile_train.profile_ours(call_ours, 2)
