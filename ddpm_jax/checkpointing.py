@@ -6,6 +6,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from ddpm_jax import errors
 from ddpm_jax import fileio
 from ddpm_jax import paths
 
@@ -79,7 +80,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except  # any unreadable checkpoint: fall back, keep it on disk
         previous = steps[i + 1] if i + 1 < len(steps) else None
         logging.warning("Checkpoint of step %d in %s is unreadable (%s: %s); falling back to step %s.", step,
-                        self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "", previous)
+                        self.directory, type(e).__name__, errors.first_line(e), previous)
         self._move_aside(step)
         continue
       logging.info("Restored checkpoint of step %d from %s", step, self.directory)

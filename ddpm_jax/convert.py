@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from ddpm_jax import errors
 from ddpm_jax import pretrained
 from ddpm_jax.models import unet
 
@@ -92,7 +93,7 @@ def convert(source, path, output, weights="ema", model_name=None):
     try:
       names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"cannot read {path} as a TF checkpoint ({str(e).splitlines()[0]}).") from None
+      raise ValueError(f"cannot read {path} as a TF checkpoint ({errors.first_line(e)}).") from None
     levels = _levels(names, r"^model/down_(\d+)/")
   model_name = model_name or {4: "cifar10", 6: "256"}.get(levels)
   if model_name is None:
@@ -157,7 +158,7 @@ def load_converted(directory, abstract_params, config=None):
   try:
     return checkpointer.restore(path, target)["params"]
   except ValueError as e:
-    raise ValueError(f"{directory} does not fit this config's U-Net ({str(e).splitlines()[0]}); sample it with the "
+    raise ValueError(f"{directory} does not fit this config's U-Net ({errors.first_line(e)}); sample it with the "
                      f"config of the {info['model']} model.") from None
   finally:
     checkpointer.close()

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax import devices
+from ddpm_jax import errors
 
 SOURCES = ("tfds", "folder", "npz", "digits")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -46,10 +47,6 @@ def _fit(image, size, channels, name):
   left, top = (pil.width - size) // 2, (pil.height - size) // 2
   out = np.asarray(pil.crop((left, top, left + size, top + size)))
   return out[..., None] if channels == 1 else out
-
-
-def _first_line(error):
-  return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _checked_labels(labels, num_classes, where):
@@ -96,7 +93,7 @@ class _FolderSource:
         img = img.convert("L" if self.channels == 1 else "RGB")
         arr = np.asarray(img)
     except (OSError, SyntaxError) as e:  # Pillow's plugins raise SyntaxError for some malformed headers
-      raise ValueError(f"cannot decode image {path} ({_first_line(e)}); delete or replace the file.") from None
+      raise ValueError(f"cannot decode image {path} ({errors.first_line(e)}); delete or replace the file.") from None
     return _fit(arr, self.size, self.channels, path)
 
 
@@ -154,7 +151,7 @@ def _npz(path, size, channels):
   try:
     f = np.load(path, allow_pickle=False)  # never unpickles: a pickle or other file raises ValueError
   except (OSError, EOFError, ValueError) as e:
-    raise ValueError(f"cannot read {path} as .npz ({_first_line(e)}); write it with np.savez.") from None
+    raise ValueError(f"cannot read {path} as .npz ({errors.first_line(e)}); write it with np.savez.") from None
   if not isinstance(f, np.lib.npyio.NpzFile) or "arr_0" not in f.files:
     found = f.files if isinstance(f, np.lib.npyio.NpzFile) else "a single .npy array"
     raise ValueError(f"{path} has no 'arr_0' (it has {found}); save the images with np.savez(path, images).")
@@ -198,7 +195,7 @@ def _tfds(c, num_classes=0):
       raise ValueError(f"tfds data set {c.name!r} has no split {c.split!r}; set data.split to one of "
                        f"{sorted(builder.info.splits)}.") from None
     raise ValueError(f"cannot open tfds data set {c.name!r} split {c.split!r} in {builder.data_dir} "
-                     f"({_first_line(e)}); if it is not array_record, rebuild it with "
+                     f"({errors.first_line(e)}); if it is not array_record, rebuild it with "
                      f"`tfds build {c.name} --file_format=array_record`.") from None
   return _TfdsSource(source, c.image_key, c.image_size, c.channels, c.name, c.label_key if num_classes else None)
 

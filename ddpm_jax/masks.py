@@ -9,6 +9,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from ddpm_jax import errors
+
 NAMES = ("half", "center", "random")
 
 
@@ -68,7 +70,7 @@ def _from_npz(path):
     with loaded:
       array = loaded["arr_0"] if "arr_0" in loaded.files else loaded.files
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-    raise ValueError(f"cannot read {path} as .npz ({_first_line(e)}); write it with np.savez(path, masks).") from None
+    raise ValueError(f"cannot read {path} as .npz ({errors.first_line(e)}); write it with np.savez(path, masks).") from None
   if isinstance(array, list):
     raise ValueError(f"{path} has no 'arr_0' (it has {array}); save the masks with np.savez(path, masks).")
   if array.ndim == 4 and array.shape[-1] == 1:
@@ -93,7 +95,7 @@ def _from_pngs(path, num):
       with Image.open(os.path.join(path, name)) as image:
         masks.append(np.asarray(image.convert("L")) >= 128)
     except (OSError, SyntaxError) as e:  # Pillow's plugins raise SyntaxError for some malformed headers
-      raise ValueError(f"cannot decode mask {os.path.join(path, name)} ({_first_line(e)}); replace the file.") from None
+      raise ValueError(f"cannot decode mask {os.path.join(path, name)} ({errors.first_line(e)}); replace the file.") from None
   if len({m.shape for m in masks}) > 1:
     raise ValueError(f"the PNGs in {path} have different sizes ({sorted({m.shape for m in masks})}); use one size.")
   return np.stack(masks)
@@ -115,7 +117,3 @@ def from_spec(spec, num, height, width, seed=0):
     raise ValueError(f"Unknown mask {spec!r}: not one of {NAMES} and no such file or folder; give a name, an .npz "
                      "or a folder of PNGs.")
   return load(spec, num, height, width)
-
-
-def _first_line(error):
-  return (str(error).splitlines() or [type(error).__name__])[0]

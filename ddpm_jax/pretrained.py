@@ -10,6 +10,8 @@ import os
 import flax
 import numpy as np
 
+from ddpm_jax import errors
+
 _BLOCK = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
           "nin_shortcut": "conv_shortcut"}
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -153,7 +155,7 @@ def read_safetensors(path):
   try:
     return load_file(path)
   except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types
-    raise ValueError(f"cannot read {path} as safetensors ({str(e).splitlines()[0]}); the file may be truncated "
+    raise ValueError(f"cannot read {path} as safetensors ({errors.first_line(e)}); the file may be truncated "
                      "or not a safetensors file.") from None
 
 
@@ -171,7 +173,7 @@ def read_tf_checkpoint(path, abstract_params, weights="ema"):
   try:
     reader = tf.train.load_checkpoint(path)
   except Exception as e:  # pylint: disable=broad-except  # TF raises several error types for bad files
-    raise ValueError(f"cannot read {path} as a TF checkpoint ({str(e).splitlines()[0]}); pass the prefix "
+    raise ValueError(f"cannot read {path} as a TF checkpoint ({errors.first_line(e)}); pass the prefix "
                      "(…/model.ckpt-790000), not the .index or .data file.") from None
   available = reader.get_variable_to_shape_map()
   if weights == "ema" and not any(k.endswith(EMA_SUFFIX) for k in available):

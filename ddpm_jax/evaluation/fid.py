@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import scipy.special
 
+from ddpm_jax import errors
 from ddpm_jax import fileio
 
 FEATURE_DIM = 2048
@@ -114,7 +115,7 @@ def load_stats(path, dim=FEATURE_DIM):
       arrays = {k: z[k] for k in ("mu", "sigma") if k in z.files}
       keys = sorted(z.files)
   except (OSError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path}: not a readable .npz stats file ({str(e).splitlines()[0]}); {want}") from None
+    raise ValueError(f"{path}: not a readable .npz stats file ({errors.first_line(e)}); {want}") from None
   if len(arrays) != 2:
     raise ValueError(f"{path}: has keys {keys}; {want} under the keys 'mu' and 'sigma'")
   mu, sigma = arrays["mu"], arrays["sigma"]

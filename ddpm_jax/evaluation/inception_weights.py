@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 
+from ddpm_jax import errors
 from ddpm_jax.evaluation import inception
 
 PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -236,8 +237,7 @@ def read_torch_file(path):
     return _read_legacy(path)
   except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, ValueError, struct.error,
           IndexError, TypeError, AttributeError, RecursionError) as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ValueError(f"{path}: not a readable Inception weight file ({msg}); {WHERE_TO_GET}") from None
+    raise ValueError(f"{path}: not a readable Inception weight file ({errors.first_line(e)}); {WHERE_TO_GET}") from None
 
 
 def flatten_tensors(tree, prefix=""):
