@@ -153,8 +153,8 @@ def diffusers_unet(config, params, batch):
   import torch  # pylint: disable=g-import-not-at-top
   m = config.model
   kwargs = pretrained.diffusers_unet_kwargs(m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions),
-                                            config.data.image_size)
-  unet_pt = diffusers.UNet2DModel(**dict(kwargs, in_channels=config.data.channels, out_channels=config.data.channels))
+                                            config.data.image_size, channels=config.data.channels)
+  unet_pt = diffusers.UNet2DModel(**kwargs)
   state = pretrained.params_to_diffusers(jax.device_get(params), len(m.ch_mult))
   unet_pt.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
   unet_pt.eval()

@@ -66,9 +66,8 @@ def diffusers_unet(ch, ch_mult, num_res_blocks, attn_resolutions, size, channels
   import torch  # pylint: disable=g-import-not-at-top
   from ddpm_jax import pretrained  # pylint: disable=g-import-not-at-top  # no JAX: bench_memory's PyTorch child
   torch.manual_seed(seed)
-  kwargs = pretrained.diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, size, dropout)
-  # diffusers_unet_kwargs names RGB; the image channels are the only difference for grayscale models.
-  return diffusers.UNet2DModel(**dict(kwargs, in_channels=channels, out_channels=channels))
+  return diffusers.UNet2DModel(**pretrained.diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions,
+                                                                  size, dropout, channels=channels))
 
 
 def matched_models(name, dropout=0.0, **unet_kwargs):

@@ -123,17 +123,19 @@ def params_to_diffusers(params, num_levels):
   return state
 
 
-def diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, image_size, dropout=0.0, num_classes=0):
+def diffusers_unet_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, image_size, dropout=0.0, num_classes=0,
+                          channels=3):
   """Keyword arguments for diffusers' `UNet2DModel` that build the paper's U-Net with these fields of config.model.
 
   Its weights map into ours with params_from_diffusers: the peer network of every side-by-side check, and the layout
   of a diffusers folder made from scratch. Needs no torch: it only names the settings. A class-conditional U-Net
-  (num_classes > 0) is diffusers' num_class_embeds = num_classes + 1, the last label being our null label.
+  (num_classes > 0) is diffusers' num_class_embeds = num_classes + 1, the last label being our null label. channels:
+  the image channels in and out (config.data.channels).
   """
   levels = range(len(ch_mult))
   attn = {l for l in levels if image_size // 2**l in attn_resolutions}
   return dict(
-      sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=num_res_blocks,
+      sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=num_res_blocks,
       block_out_channels=tuple(ch * m for m in ch_mult),
       down_block_types=tuple("AttnDownBlock2D" if l in attn else "DownBlock2D" for l in levels),
       up_block_types=tuple("AttnUpBlock2D" if l in attn else "UpBlock2D" for l in reversed(levels)),

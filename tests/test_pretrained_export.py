@@ -42,8 +42,8 @@ def test_round_trip_is_exact(ours):
 def test_diffusers_runs_the_exported_params_as_ours(ours):
   torch.set_num_threads(2)
   model, params = ours
-  kwargs = pretrained.diffusers_unet_kwargs(**FIELDS, image_size=SIZE)
-  theirs = diffusers.UNet2DModel(**dict(kwargs, in_channels=CHANNELS, out_channels=CHANNELS)).eval()
+  kwargs = pretrained.diffusers_unet_kwargs(**FIELDS, image_size=SIZE, channels=CHANNELS)
+  theirs = diffusers.UNet2DModel(**kwargs).eval()
   state = pretrained.params_to_diffusers(params, len(FIELDS["ch_mult"]))
   assert set(state) == set(theirs.state_dict())
   for key, value in theirs.state_dict().items():  # the torch layout, not just the same number of values
