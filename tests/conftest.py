@@ -111,6 +111,17 @@ def assert_trees_equal(a, b, rtol=None, atol=0.0):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
 
 
+def perturbed(params, scale, seed=3):
+  """params plus scale × N(0, 1) on every leaf, so that no layer is near-zero (a fresh U-Net's output conv is).
+
+  NumPy's generator: jax.random.normal eagerly on every leaf shape would compile one program per shape (seconds).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jax.numpy.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape, np.float32)),
+                      params)
+
+
 def max_rel_diff(a, b):
   """‖a − b‖ / ‖b‖ over the whole pytree.
 

@@ -25,7 +25,7 @@ from ddpm_jax.evaluation import reference_stats
 from ddpm_jax.evaluation import sample_quality
 from ddpm_jax.evaluation import samples
 from ddpm_jax.modes import evaluate as evaluate_mode
-from conftest import digits_npz, needs_weights, npz_config, tiny_config
+from conftest import digits_npz, needs_weights, npz_config, perturbed, tiny_config
 
 @needs_weights
 def test_evaluate_writes_results_and_resumes_from_its_files(tmp_path, monkeypatch):
@@ -115,9 +115,7 @@ def test_bpd_driver_matches_direct_calc_bpd_loop_whatever_the_batching(tmp_path)
   tx, _ = train_step.create_optimizer(config.optim)
   params = train_step.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 1)).params
   # Fresh U-Nets output 0 (zero-initialised last conv); perturb so the bound depends on the network.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = perturbed(params, 0.05)
   images = jax.random.randint(jax.random.PRNGKey(2), (10, 8, 8, 1), 0, 256).astype(np.uint8)
   rng = jax.random.PRNGKey(3)
 

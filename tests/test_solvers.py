@@ -11,6 +11,7 @@ from diffusers import UniPCMultistepScheduler
 
 from ddpm_jax import diffusion as dlib
 from ddpm_jax import solvers
+from conftest import perturbed
 
 T = 1000
 SHAPE = (2, 4, 4, 1)
@@ -271,10 +272,8 @@ def _tiny_unet():
   """A small U-Net whose output depends on x and t (its zero-initialised output convs replaced by random ones)."""
   from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
   model = unet.UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, out_ch=1)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
-  keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
-  return model, params
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))["params"]
+  return model, perturbed(params, 0.05)
 
 
 @pytest.mark.parametrize("method", solvers.METHODS)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models import unet
+from conftest import perturbed
 
 # Every tensor of the CIFAR-10 U-Net: the authors' TF name and shape, the diffusers key and torch shape.
 TSV = os.path.join(os.path.dirname(__file__), "data", "unet_tensor_names.tsv")
@@ -50,24 +51,25 @@ def test_forward_shapes_dropout_and_channels():
   model = unet.UNetTiny(out_ch=2, dropout=0.5)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
   t = jnp.array([0, 5, 999])
-  variables = model.init(jax.random.PRNGKey(1), x, t)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x, t)
+  apply = jax.jit(model.apply, static_argnames="train")  # one program per call signature, not one per op
   # Near-zero init of the output conv (scale 1e-10): the untrained model outputs ~0, as the original.
-  assert float(jnp.abs(model.apply(variables, x, t)).max()) < 1e-3  # ~1 with a scale-1 init
+  assert float(jnp.abs(apply(variables, x, t)).max()) < 1e-3  # ~1 with a scale-1 init
   params = jax.tree.map(lambda p: p + 0.05, variables["params"])  # make every layer matter
-  out_eval = model.apply({"params": params}, x, t)
+  out_eval = apply({"params": params}, x, t)
   assert out_eval.shape == (3, 8, 8, 2) and out_eval.dtype == jnp.float32
-  np.testing.assert_array_equal(out_eval, model.apply({"params": params}, x, t, train=False))
-  out_train = model.apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  np.testing.assert_array_equal(out_eval, apply({"params": params}, x, t, train=False))
+  out_train = apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
   assert not np.allclose(out_train, out_eval)  # dropout is active only when training
   # The timestep changes the output (the embedding is wired in).
-  assert not np.allclose(out_eval[0], model.apply({"params": params}, x, jnp.array([500, 5, 999]))[0])
+  assert not np.allclose(out_eval[0], apply({"params": params}, x, jnp.array([500, 5, 999]))[0])
 
 
 def test_rectangular_inputs_work():
   model = unet.UNetTiny(attn_resolutions=())
   x = jnp.zeros((1, 8, 16, 3))
-  variables = model.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32))
-  assert model.apply(variables, x, jnp.zeros((1,), jnp.int32)).shape == (1, 8, 16, 3)
+  assert jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32))[0]
+                        ).shape == (1, 8, 16, 3)
 
 
 def test_timestep_embedding_closed_form():
@@ -111,13 +113,6 @@ def _eqns(jaxpr):
           yield from _eqns(sub.jaxpr)
 
 
-def _perturbed(params, scale, seed=3):
-  # Random offsets on every leaf, so that no layer is near-zero (conv_out's init is) and all of them matter.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
 def test_remat_keeps_param_names_and_gradients():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   t = jnp.array([3, 700])
@@ -125,7 +120,7 @@ def test_remat_keeps_param_names_and_gradients():
   shapes = lambda m: jax.tree.map(lambda v: (v.shape, v.dtype), jax.eval_shape(m.init, jax.random.PRNGKey(1), x, t))
   assert shapes(plain) == shapes(remat)  # the same paths, so checkpoints stay loadable
   assert "conv1" in shapes(remat)["params"]["down_1"]["block_0"]
-  params = _perturbed(jax.jit(plain.init)(jax.random.PRNGKey(1), x, t)["params"], 0.02)
+  params = perturbed(jax.jit(plain.init)(jax.random.PRNGKey(1), x, t)["params"], 0.02)
 
   def grads(model):
     loss = lambda p: jnp.sum(model.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)}) ** 2)
@@ -146,7 +141,7 @@ def test_bfloat16_runs_activations_in_bfloat16_with_float32_params():
   f32, bf16 = unet.UNetTiny(), unet.UNetTiny(dtype=jnp.bfloat16)
   variables = jax.jit(bf16.init)(jax.random.PRNGKey(1), x, t)
   assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}  # optimizer and EMA in f32
-  params = _perturbed(variables["params"], 0.02)
+  params = perturbed(variables["params"], 0.02)
   jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x, t))(params).jaxpr
   heavy = [e for e in _eqns(jaxpr) if e.primitive.name in ("conv_general_dilated", "dot_general")]
   assert len(heavy) >= 20  # 20 convs, plus the dense layers and attention
