@@ -12,6 +12,7 @@ from ml_collections import config_flags
 from ddpm_jax import paths
 
 FLAGS = flags.FLAGS
+_MODULES = dict(eval="evaluate")  # --mode → ddpm_jax/modes/<module>.py where the names differ
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "sweep", "distill", "edit"],
                   "train: train (resuming if possible); sample: write samples; eval: FID, IS and bits/dim; "
@@ -46,22 +47,16 @@ def main(argv):
   # Every path the user typed, relative to the directory the command was started in (gs://… unchanged).
   workdir = paths.absolute(FLAGS.workdir)
   paths.absolute_config_paths(FLAGS.config)
-  # Imported once the flags are good: a mistyped flag is reported in a second, not after TensorFlow has loaded.
+  # Imported once the flags are good: a mistyped flag is reported in a second, not after JAX has loaded. Only the
+  # mode that runs is imported; TensorFlow only by the modes that read data or write summaries (tensorflow_cpu.py).
   # pylint: disable=g-import-not-at-top
+  import importlib
   import jax
-  import tensorflow as tf
   from ddpm_jax import checkpointing
   from ddpm_jax import cluster
   from ddpm_jax import distillation
-  from ddpm_jax.modes import distill
-  from ddpm_jax.modes import edit
-  from ddpm_jax.modes import evaluate
-  from ddpm_jax.modes import sample
-  from ddpm_jax.modes import sweep
-  from ddpm_jax.modes import train
   # pylint: enable=g-import-not-at-top
-  # TensorFlow is only used for data and summaries: keep it off the accelerators JAX needs.
-  tf.config.set_visible_devices([], "GPU")
+  mode = importlib.import_module(f"ddpm_jax.modes.{_MODULES.get(FLAGS.mode, FLAGS.mode)}")
   cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.heartbeat_timeout_seconds)
   logging.info("JAX process %d of %d; local devices %s; %d devices in all.", jax.process_index(),
@@ -72,17 +67,11 @@ def main(argv):
     config, workdir = distillation.student_run(config, workdir)
   try:
     if FLAGS.mode == "train":
-      train.train_and_evaluate(config, workdir)
-    elif FLAGS.mode == "sample":
-      logging.info("Samples in %s", sample.run(config, workdir))
-    elif FLAGS.mode == "eval":
-      evaluate.run(config, workdir)
-    elif FLAGS.mode == "distill":
-      distill.run(config, workdir)
-    elif FLAGS.mode == "edit":
-      logging.info("Edits in %s", edit.run(config, workdir))
+      mode.train_and_evaluate(config, workdir)
+    elif FLAGS.mode in ("sample", "edit"):
+      logging.info("%s in %s", "Samples" if FLAGS.mode == "sample" else "Edits", mode.run(config, workdir))
     else:
-      sweep.run(config, workdir)
+      mode.run(config, workdir)
   except checkpointing.SaveError as e:
     # Orbax's helper threads of the failed save wait minutes for a directory that will never appear; every earlier
     # checkpoint is complete on disk, so exit now instead of joining them.

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ddpm_jax import devices
 from ddpm_jax import errors
+from ddpm_jax import tensorflow_cpu
 
 SOURCES = ("tfds", "folder", "npz", "digits")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -170,6 +171,7 @@ def _npz(path, size, channels):
 
 
 def _tfds(c, num_classes=0):
+  tensorflow_cpu.load()  # tfds decodes with TensorFlow: keep it off the GPUs
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy; only this source needs it
   data_dir = c.data_dir or None
   try:

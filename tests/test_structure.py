@@ -1,6 +1,9 @@
-"""The package's layout rules (docs/architecture.md): no import circle, and the library never imports a driver."""
+"""The package's layout rules (docs/architecture.md): no import circle, the library never imports a driver, and
+TensorFlow is loaded only where it is used."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ddpm_jax"
 
@@ -72,3 +75,14 @@ def test_the_library_does_not_import_the_drivers():
   for module, imported in graph.items():
     if module not in drivers:
       assert not imported & drivers, f"{module} imports the run driver(s) {sorted(imported & drivers)}"
+
+
+def test_sampling_and_editing_never_load_tensorflow(tmp_path):
+  # Its import is seconds of every run's start-up; sample, sweep, edit and eval (without its figures) read and write
+  # local files with Python's own I/O (fileio.py) and need none of it.
+  code = ("import sys; import numpy as np; from ddpm_jax.modes import sample, sweep, edit, evaluate, distill; "
+          "from ddpm_jax import fileio; fileio.save_npz(sys.argv[1], a=np.zeros(2)); fileio.load_npz(sys.argv[1]); "
+          "print(sorted(m for m in ('tensorflow', 'clu', 'tensorflow_datasets') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "shard.npz")], capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == "[]", out.stdout

@@ -12,7 +12,6 @@ import json
 import os
 
 from absl import logging
-from clu import metric_writers
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -21,6 +20,7 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import fileio
 from ddpm_jax import input_pipeline
 from ddpm_jax import sampling
+from ddpm_jax import tensorflow_cpu
 from ddpm_jax import trained_params
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.evaluation import digits_quality
@@ -141,6 +141,8 @@ def _write_figures(config, model, params, step, out_dir):
   data = np.stack([source[i] for i in range(min(max(config.eval.figures_num_examples, 2), len(source)))])
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+  tensorflow_cpu.load()  # clu's writer is TensorFlow's (imported here: a sweep, which uses this module, needs none)
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(os.path.join(os.path.dirname(out_dir), "tensorboard"))
   paths = figures.write_figures(sampling.unet_model_fn(model, params), diffusion, rng, data, out_dir, step, writer)
   writer.flush()

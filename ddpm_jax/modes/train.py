@@ -20,6 +20,7 @@ from ddpm_jax import input_pipeline
 from ddpm_jax.preemption import GracefulStop
 from ddpm_jax import progress
 from ddpm_jax import sampling
+from ddpm_jax import tensorflow_cpu
 from ddpm_jax import train_step
 from ddpm_jax.sampler import Sampler
 
@@ -89,6 +90,7 @@ def _restore_or_init(config, model, tx, checkpointer, rng, init_params=None):
 
 def _open_writer(config, workdir, start_step):
   """clu's writers (events on host 0, logging elsewhere); a new run records the config's scalars as hparams."""
+  tensorflow_cpu.load()  # before clu's writer makes TensorFlow claim the GPUs
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in flax.traverse_util.flatten_dict(config.to_dict(), sep=".").items()
