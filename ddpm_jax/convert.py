@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from ddpm_jax import errors
 from ddpm_jax import pretrained
+from ddpm_jax import tensorflow_cpu
 from ddpm_jax.models import unet
 
 PRESETS = {"cifar10": (unet.UNetCIFAR10, 32), "256": (unet.UNet256, 256)}
@@ -89,7 +90,7 @@ def convert(source, path, output, weights="ema", model_name=None):
     state = pretrained.read_safetensors(_unet_weights(path))
     levels = _levels(state, r"^down_blocks\.(\d+)\.")
   else:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = tensorflow_cpu.load()
     try:
       names = tf.train.load_checkpoint(path).get_variable_to_shape_map()
     except Exception as e:  # pylint: disable=broad-except

@@ -11,6 +11,7 @@ import flax
 import numpy as np
 
 from ddpm_jax import errors
+from ddpm_jax import tensorflow_cpu
 
 _BLOCK = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
           "nin_shortcut": "conv_shortcut"}
@@ -171,7 +172,7 @@ def read_tf_checkpoint(path, abstract_params, weights="ema"):
   """
   if weights not in ("ema", "raw"):
     raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # only this reader needs TensorFlow
+  tf = tensorflow_cpu.load()  # only this reader needs TensorFlow
   try:
     reader = tf.train.load_checkpoint(path)
   except Exception as e:  # pylint: disable=broad-except  # TF raises several error types for bad files
