@@ -12,16 +12,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models import conv3x3
+
 
 def _init(scale=1.0):
   # TF's variance_scaling(scale, 'fan_avg', 'uniform'), as the authors' default_init; 1e-10 stands in for zero.
   return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
-def _conv(features, name, *, stride=1, kernel=3, init_scale=1.0, dtype=jnp.float32):
+def _conv(features, name, *, stride=1, kernel=3, init_scale=1.0, dtype=jnp.float32, conv_impl="xla"):
   # 'SAME' is TF's rule: a stride-2 conv on an even size pads 0 before and 1 after, as the original.
+  # conv_impl 'auto' on the CPU backend: a 3×3 stride-1 conv whose gradients take the form XLA:CPU runs fastest at
+  # the shape (models/conv3x3.py), plugged into nn.Conv so that the module and its params stay the same.
+  custom = kernel == 3 and stride == 1 and conv3x3.use_custom(conv_impl)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", kernel_init=_init(init_scale),
-                 dtype=dtype, name=name)
+                 dtype=dtype, name=name, conv_general_dilated_cls=conv3x3.Conv3x3 if custom else None)
 
 
 def _dense(features, name, *, init_scale=1.0, dtype=jnp.float32):
@@ -59,14 +64,15 @@ class ResnetBlock(nn.Module):
   out_ch: int
   dropout: float
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, temb, train):
-    h = _conv(self.out_ch, "conv1", dtype=self.dtype)(nn.swish(_norm("norm1", self.dtype)(x)))
+    h = _conv(self.out_ch, "conv1", dtype=self.dtype, conv_impl=self.conv_impl)(nn.swish(_norm("norm1", self.dtype)(x)))
     h = h + _dense(self.out_ch, "temb_proj", dtype=self.dtype)(nn.swish(temb))[:, None, None, :]
     h = nn.swish(_norm("norm2", self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_ch, "conv2", init_scale=1e-10, dtype=self.dtype)(h)
+    h = _conv(self.out_ch, "conv2", init_scale=1e-10, dtype=self.dtype, conv_impl=self.conv_impl)(h)
     if x.shape[-1] != self.out_ch:
       x = _dense(self.out_ch, "nin_shortcut", dtype=self.dtype)(x)
     return x + h
@@ -108,12 +114,13 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
   with_conv: bool
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)  # nearest ×2
-    return _conv(c, "conv", dtype=self.dtype)(x) if self.with_conv else x
+    return _conv(c, "conv", dtype=self.dtype, conv_impl=self.conv_impl)(x) if self.with_conv else x
 
 
 class DownLevel(nn.Module):
@@ -129,12 +136,14 @@ class DownLevel(nn.Module):
   resamp_with_conv: bool
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h, temb, train):
     skips = []
     for i in range(self.num_res_blocks):
-      h = _resnet_block(self.remat)(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
+      h = _resnet_block(self.remat)(self.out_ch, self.dropout, self.dtype, self.conv_impl,
+                                    name=f"block_{i}")(h, temb, train)
       if self.attn:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
       skips.append(h)
@@ -153,17 +162,19 @@ class UpLevel(nn.Module):
   resamp_with_conv: bool
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h, skips, temb, train):
     """skips: this level's num_res_blocks + 1 skip connections, consumed last first."""
     for i in range(self.num_res_blocks + 1):
       h = jnp.concatenate([h, skips[-1 - i]], axis=-1)
-      h = _resnet_block(self.remat)(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
+      h = _resnet_block(self.remat)(self.out_ch, self.dropout, self.dtype, self.conv_impl,
+                                    name=f"block_{i}")(h, temb, train)
       if self.attn:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
     if self.upsample:
-      h = Upsample(self.resamp_with_conv, self.dtype, name="upsample")(h)
+      h = Upsample(self.resamp_with_conv, self.dtype, self.conv_impl, name="upsample")(h)
     return h
 
 
@@ -172,13 +183,14 @@ class MidBlock(nn.Module):
   dropout: float
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h, temb, train):
     block = _resnet_block(self.remat)
-    h = block(self.out_ch, self.dropout, self.dtype, name="block_1")(h, temb, train)
+    h = block(self.out_ch, self.dropout, self.dtype, self.conv_impl, name="block_1")(h, temb, train)
     h = AttnBlock(self.dtype, name="attn_1")(h)
-    return block(self.out_ch, self.dropout, self.dtype, name="block_2")(h, temb, train)
+    return block(self.out_ch, self.dropout, self.dtype, self.conv_impl, name="block_2")(h, temb, train)
 
 
 class UNet(nn.Module):
@@ -196,6 +208,9 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32  # activations (bfloat16 halves activation memory); params stay float32, output float32
   remat: bool = False  # recompute each ResnetBlock's activations in the backward pass: less memory, more compute
+  # 'auto': on the CPU backend the 3×3 stride-1 convs' gradients take the form fastest for their shape
+  # (models/conv3x3.py), XLA's convolution everywhere else; 'xla': XLA's convolution everywhere. Same params.
+  conv_impl: str = "auto"
   # Class conditioning (not in the paper; 0 = off, the paper's exact model): a learned embedding of the label, one of
   # num_classes + 1 with the last the "null" label of classifier-free guidance, added to the timestep embedding.
   num_classes: int = 0
@@ -209,6 +224,9 @@ class UNet(nn.Module):
       raise ValueError("model.ch_mult must be non-empty and model.num_res_blocks >= 1.")
     if self.num_classes < 0 or not 0 <= self.class_dropout < 1:
       raise ValueError("model.num_classes must be >= 0 (0 = unconditional) and model.class_dropout in [0, 1).")
+    if self.conv_impl not in conv3x3.IMPLS:
+      raise ValueError(f"model.conv_impl = {self.conv_impl!r}: unknown value; use one of "
+                       f"{', '.join(map(repr, conv3x3.IMPLS))}.")
     bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
     if bad:
       raise ValueError(f"model.ch × ch_mult gives {bad} channels, not divisible by GroupNorm's 32 groups; "
@@ -243,7 +261,8 @@ class UNet(nn.Module):
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [batch] = ({x.shape[0]},), got {t.shape}.")
     levels = len(self.ch_mult)
-    common = dict(dropout=self.dropout, resamp_with_conv=self.resamp_with_conv, dtype=self.dtype, remat=self.remat)
+    common = dict(dropout=self.dropout, resamp_with_conv=self.resamp_with_conv, dtype=self.dtype, remat=self.remat,
+                  conv_impl=self.conv_impl)
     temb = TimestepEmbed(self.ch, self.dtype, name="temb")(t)
     if self.num_classes:
       if labels is None:
@@ -255,13 +274,14 @@ class UNet(nn.Module):
     elif labels is not None:
       raise ValueError("labels were given to an unconditional U-Net; set model.num_classes to train a conditional one.")
 
-    skips = [_conv(self.ch, "conv_in", dtype=self.dtype)(x.astype(self.dtype))]
+    skips = [_conv(self.ch, "conv_in", dtype=self.dtype, conv_impl=self.conv_impl)(x.astype(self.dtype))]
     for level, mult in enumerate(self.ch_mult):
       res = x.shape[1] // 2**level
       skips += DownLevel(self.ch * mult, self.num_res_blocks, res in self.attn_resolutions,
                          downsample=level != levels - 1, name=f"down_{level}", **common)(skips[-1], temb, train)
 
-    h = MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype, self.remat, name="mid")(skips[-1], temb, train)
+    h = MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype, self.remat, self.conv_impl,
+                 name="mid")(skips[-1], temb, train)
 
     for level in reversed(range(levels)):
       res = x.shape[1] // 2**level
@@ -271,7 +291,8 @@ class UNet(nn.Module):
                   upsample=level != 0, name=f"up_{level}", **common)(h, level_skips, temb, train)
 
     h = nn.swish(_norm("norm_out", self.dtype)(h))
-    return _conv(self.out_ch, "conv_out", init_scale=1e-10, dtype=self.dtype)(h).astype(jnp.float32)
+    return _conv(self.out_ch, "conv_out", init_scale=1e-10, dtype=self.dtype,
+                 conv_impl=self.conv_impl)(h).astype(jnp.float32)
 
 
 # The paper's two model sizes (docs/reference.md, Paper setup).
