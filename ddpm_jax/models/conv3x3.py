@@ -34,10 +34,23 @@ def use_custom(conv_impl):
 def choose(batch, side, cin, cout):
   """(input-gradient form, weight-gradient form) for a batch of side×side images, cin → cout channels.
 
-  TODO: derived from benchmarks/bench_conv_impl.py.
+  From benchmarks/bench_conv_impl.py on the shared 2-core Xeon (docs/performance.md has the table), as XLA's time ÷
+  the form's (> 1: the form is faster); the first figure is the published run's, the second an earlier run's:
+  - Weight gradient. Winograd: 2.00 / 1.92 at 8×32²×128→128, 1.78 / 2.24 at 32×32²×128→128, 2.09 / 1.80 at
+    32×16²×256→256, 1.35 / 1.15 at 8×16²×256→256, 1.07 / 1.15 at 8×8²×256→256. Less work loses or ties: 0.82 / 0.81
+    at 8×4²×256→256, and at the digits model's narrow channels 0.49 / 0.53 at 64×8²×32→32, 0.83 / 0.88 at
+    64×4²×64→64, 1.18 / 0.95 at 64×2²×64→64 (0.3 ms). The nine matmuls beat XLA only where Winograd beat them too
+    (1.97, 1.55, 1.59 at the 32² and batch-32 shapes). So: Winograd when both sides have ≥ 128 channels and the batch
+    has ≥ 512 pixels (N·H·W), XLA's below.
+  - Input gradient. XLA's own was the fastest or tied (≤ 1.10) at every shape but 2×2 images, where it took 2.1 ms at
+    64×2²×64→64 against 0.4 for the nine matmuls (5.65 / 4.79) and 0.3 for Winograd (7.41 / 4.04: a tie within the
+    noise, so the simpler form). Winograd's 1.33 and 1.13 at 8×16²×256→256 and 8×8²×256→256 come from one run only
+    (the earlier one, before a 6 ms kernel transpose was taken out of that form, had 0.78 and 0.34): not enough to
+    leave XLA's there.
   """
-  del batch, side, cin, cout
-  return "xla", "xla"
+  input_form = "matmuls" if side <= 2 else "xla"
+  weight_form = "winograd" if min(cin, cout) >= 128 and batch * side * side >= 512 else "xla"
+  return input_form, weight_form
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,8 +176,8 @@ def input_grad_winograd(x, w, g):
   n, h, wd = x.shape[:3]
   p, q = _tiles(h, wd)
   gp = _pad_hw(g, 1, 2 * p - h + 1, 2 * q - wd + 1)  # [N, 2p + 2, 2q + 2, out]
-  k = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # [3, 3, out, in]
-  m = _batched_dot(_input_transform(gp, p, q), _filter_transform(k))  # [16, T, in]
+  # Contracting w's out axis in the dot, not transposing w: the transpose of a 3×3×256×256 kernel alone took 6 ms.
+  m = _batched_dot(_input_transform(gp, p, q), _filter_transform(w[::-1, ::-1]), contract=(2, 2))  # [16, T, in]
   m = m.reshape((4, 4, n, p, q, -1))
 
   def along(a):
