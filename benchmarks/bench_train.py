@@ -2,6 +2,7 @@
 
   python benchmarks/bench_train.py [--batch 8 32] [--repeats=5] [--warmup=2] [--threads=N] [--remat] [--quick]
   python benchmarks/bench_train.py --model digits --batch 64   # the offline demo's U-Net and step (configs/digits.py)
+  python benchmarks/bench_train.py --conv_impl xla   # XLA's own convolution gradients (default 'auto': conv3x3's)
 
 Both sides start from the same weights and do the same work per step: draw t and ε, q_sample, forward with dropout
 0.1, MSE on ε, backward, clip to global norm 1, Adam, EMA. Ours is `train_step.pmapped_train_steps`, the step training
@@ -27,20 +28,21 @@ def main():
   parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
   parser.add_argument("--remat", action="store_true", help="our U-Net with remat=True")
   parser.add_argument("--dtype", default="float32", help="our U-Net's activation dtype")
+  parser.add_argument("--conv_impl", default="auto", choices=("auto", "xla"), help="our U-Net's conv_impl")
   args = parser.parse_args()
   if args.quick:
     args.model, args.batch, args.repeats, args.warmup = "tiny", [2], 1, 0
   torch.set_num_threads(args.threads)
   config = common.train_config(args.model)
   ours, params, theirs, size = common.matched_models(args.model, dropout=config.model.dropout, remat=args.remat,
-                                                     dtype=jax.numpy.dtype(args.dtype))
+                                                     dtype=jax.numpy.dtype(args.dtype), conv_impl=args.conv_impl)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   matmul, matmul_flops = common.matmul_peak_fn()
   for line in common.machine_info(args.threads):
     print(line)
   channels = common.MODELS[args.model][2]
   print(f"model: {args.model} ({n_params:,} params, {size}×{size}×{channels}), remat={args.remat}, "
-        f"dtype={args.dtype}; {args.repeats} timed rounds after {args.warmup} warm-up\n")
+        f"dtype={args.dtype}, conv_impl={args.conv_impl}; {args.repeats} timed rounds after {args.warmup} warm-up\n")
 
   rows, ratios = [], []
   for b in args.batch:

@@ -134,6 +134,7 @@ def field_rules():
   from ddpm_jax import diffusion
   from ddpm_jax import input_pipeline
   from ddpm_jax import sampling
+  from ddpm_jax.models import conv3x3
   # pylint: enable=g-import-not-at-top
   never = "0 = never"
   return {
@@ -158,6 +159,7 @@ def field_rules():
       "model.resamp_with_conv": boolean(),
       "model.dtype": one_of(("float32", "bfloat16", "float16")),
       "model.remat": boolean(),
+      "model.conv_impl": one_of(conv3x3.IMPLS),
       "model.num_classes": integer(0, meaning="0 = unconditional"),
       "model.class_dropout": number(0, 1, hi_open=True, meaning="0 = never; guidance needs > 0"),
       "diffusion.beta_schedule": one_of(diffusion.BETA_SCHEDULES),

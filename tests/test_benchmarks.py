@@ -12,7 +12,8 @@ pytest.importorskip("torch", reason="the benchmarks compare against PyTorch (the
 pytest.importorskip("diffusers", reason="the benchmarks compare against diffusers (the test extra)")
 # name → the command, run from the repository's root.
 COMMANDS = {s: [sys.executable, os.path.join("benchmarks", s), "--quick"]
-            for s in ("bench_train.py", "bench_sample.py", "bench_memory.py", "profile_train.py", "bench_conv_grad.py")}
+            for s in ("bench_train.py", "bench_sample.py", "bench_memory.py", "profile_train.py", "bench_conv_grad.py",
+                      "bench_conv_impl.py")}
 COMMANDS["accelerator.sh"] = ["bash", os.path.join("benchmarks", "accelerator.sh"), "--tiny"]
 
 
@@ -74,6 +75,15 @@ def test_bench_conv_grad_quick(outputs):
   lines = outputs["bench_conv_grad.py"]
   m = re.fullmatch(r"weight gradient, XLA ÷ 9 matmuls: (\d+\.\d+) at 2×8²×16→16", lines[-1])
   assert m and float(m.group(1)) > 0, lines[-1]
+
+
+def test_bench_conv_impl_quick(outputs):
+  lines = outputs["bench_conv_impl.py"]
+  m = re.fullmatch(r"forward \+ both gradients, XLA ÷ conv3x3: (\d+\.\d+) at 2×8²×16→16", lines[-1])
+  assert m and float(m.group(1)) > 0, lines[-1]
+  row = next(r for r in lines if r.startswith("| 2×8²×16→16"))
+  cells = [c.strip() for c in row.split("|")[2:-1]]
+  assert len(cells) == 10 and all(float(c.split()[0]) >= 0 for c in cells[:2] + cells[4:]), cells  # every form timed
 
 
 def test_accelerator_tiny(outputs):

@@ -140,6 +140,7 @@ def test_every_field_has_a_rule_and_every_rule_a_field():
     ("sampling.method", "DDIM", "sampling.method = 'DDIM': unknown value (did you mean 'ddim'?)"),
     ("sampling.checkpoint", "best", "sampling.checkpoint = 'best': unknown value (did you mean 'best_fid'?)"),
     ("model.dtype", "fp16", "model.dtype = 'fp16': unknown value; use one of 'float32', 'bfloat16', 'float16'."),
+    ("model.conv_impl", "winograd", "model.conv_impl = 'winograd': unknown value; use one of 'auto', 'xla'."),
     ("data.channels", 2, "data.channels = 2: unknown value; use one of 1, 3."),
     ("model.ch", True, "model.ch = True: a bool, not an integer; use an integer >= 1"),
     ("model.ch", 1.5, "model.ch = 1.5: a float, not an integer"),
@@ -248,9 +249,9 @@ def test_device_count_is_asked_only_when_every_other_rule_passes():
 
 
 def test_configs_older_than_a_field_are_filled_from_the_defaults_then_validate():
-  lacking = ("restore_from", "model.dtype", "model.remat", "training.fid_every_steps", "training.fid_num_samples",
-             "training.fid_num_steps", "training.steps_per_dispatch", "sampling.checkpoint", "sampling.num_steps",
-             "sampling.method", "sampling.eta", "sampling.clip_denoised", "data.num_threads")
+  lacking = ("restore_from", "model.dtype", "model.remat", "model.conv_impl", "training.fid_every_steps",
+             "training.fid_num_samples", "training.fid_num_steps", "training.steps_per_dispatch", "sampling.checkpoint",
+             "sampling.num_steps", "sampling.method", "sampling.eta", "sampling.clip_denoised", "data.num_threads")
   old = without(get_config("digits"), "eval", *lacking)
   defaults = get_config("cifar10")
   filled = config_checks.fill_missing(old, defaults)
