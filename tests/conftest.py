@@ -122,6 +122,18 @@ def perturbed(params, scale, seed=3):
                       params)
 
 
+def jaxpr_eqns(jaxpr):
+  """All equations of a jaxpr, including those inside sub-jaxprs (checkpoint, pjit, custom_vjp, …)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns"):
+          yield from jaxpr_eqns(sub)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from jaxpr_eqns(sub.jaxpr)
+
+
 def max_rel_diff(a, b):
   """‖a − b‖ / ‖b‖ over the whole pytree.
 

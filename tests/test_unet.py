@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models import unet
-from conftest import perturbed
+from conftest import jaxpr_eqns, perturbed
 
 # Every tensor of the CIFAR-10 U-Net: the authors' TF name and shape, the diffusers key and torch shape.
 TSV = os.path.join(os.path.dirname(__file__), "data", "unet_tensor_names.tsv")
@@ -101,18 +101,6 @@ def test_channels_not_divisible_by_groupnorm_groups_fail_at_construction():
     unet.UNet(ch=48)
 
 
-def _eqns(jaxpr):
-  """All equations of a jaxpr, including those inside sub-jaxprs (checkpoint, pjit, …)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if hasattr(sub, "eqns"):
-          yield from _eqns(sub)
-        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-          yield from _eqns(sub.jaxpr)
-
-
 def test_remat_keeps_param_names_and_gradients():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   t = jnp.array([3, 700])
@@ -130,7 +118,7 @@ def test_remat_keeps_param_names_and_gradients():
   # Same dropout masks and the same math: only float reassociation may differ.
   assert np.linalg.norm(g_remat - g_plain) <= 1e-6 * np.linalg.norm(g_plain)
   # Every ResnetBlock (2 down, 2 mid, 4 up) is a checkpoint region; without remat there is none.
-  count = lambda m: sum(e.primitive.name in ("checkpoint", "remat2") for e in _eqns(jax.make_jaxpr(
+  count = lambda m: sum(e.primitive.name in ("checkpoint", "remat2") for e in jaxpr_eqns(jax.make_jaxpr(
       lambda p: m.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)}))(params).jaxpr))
   assert (count(plain), count(remat)) == (0, 8)
 
@@ -143,7 +131,7 @@ def test_bfloat16_runs_activations_in_bfloat16_with_float32_params():
   assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}  # optimizer and EMA in f32
   params = perturbed(variables["params"], 0.02)
   jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x, t))(params).jaxpr
-  heavy = [e for e in _eqns(jaxpr) if e.primitive.name in ("conv_general_dilated", "dot_general")]
+  heavy = [e for e in jaxpr_eqns(jaxpr) if e.primitive.name in ("conv_general_dilated", "dot_general")]
   assert len(heavy) >= 20  # 20 convs, plus the dense layers and attention
   assert all(v.aval.dtype == jnp.bfloat16 for e in heavy for v in e.invars), "a conv or matmul ran in float32"
   out16, out32 = (jax.jit(m.apply)({"params": params}, x, t) for m in (bf16, f32))
