@@ -318,10 +318,11 @@ def _check_conditioning(config):
 def _reads_data(config, mode):
   """Whether the run reads config.data's examples: training, FID reference statistics, bits/dim, figures, or
   Analytic-DPM's estimate of E‖ε̂‖²."""
+  from ddpm_jax import analytic_dpm  # pylint: disable=g-import-not-at-top  # as field_rules' imports
   fid = _get(config, "eval.num_samples", 1) > 0 and not _get(config, "eval.ref_stats", "")
   methods = (_get(config, "sampling.method", "ancestral"),) + tuple(
       _get(config, "eval.sweep_methods", ()) if mode == "sweep" else ())
-  if mode != "train" and "analytic_dpm" in methods:
+  if mode != "train" and analytic_dpm.METHOD in methods:
     return True
   if mode == "eval":
     return fid or _get(config, "eval.bpd_num_examples", 1) != 0 or _get(config, "eval.figures", True)
