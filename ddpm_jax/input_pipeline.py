@@ -123,14 +123,6 @@ def _digits(size):
   return np.stack(resized)[..., None], digits.target
 
 
-def _npz_labels(path, num_classes):
-  with np.load(path, allow_pickle=False) as f:
-    if "arr_1" not in f.files:
-      raise ValueError(f"{path} has no 'arr_1' of labels, which model.num_classes > 0 needs; save them with "
-                       "np.savez(path, images, labels).")
-    return _checked_labels(f["arr_1"], num_classes, f"{path} arr_1")
-
-
 def _folder_labels(root, paths, num_classes):
   """The class of each path: the index of its first sub-folder of root, sub-folders sorted by name."""
   parts = [os.path.relpath(p, root).split(os.sep) for p in paths]
@@ -146,7 +138,8 @@ def _folder_labels(root, paths, num_classes):
   return np.array([index[p[0]] for p in parts], np.int32)
 
 
-def _npz(path, size, channels):
+def _npz(path, size, channels, num_classes=0):
+  """(uint8 [N, size, size, channels] images from arr_0, int32 labels from arr_1 or None), in one read of the file."""
   if not os.path.isfile(path):
     raise ValueError(f"data.path {path!r} is not a file; point it at an .npz holding arr_0 (uint8 NHWC).")
   try:
@@ -158,6 +151,7 @@ def _npz(path, size, channels):
     raise ValueError(f"{path} has no 'arr_0' (it has {found}); save the images with np.savez(path, images).")
   with f:
     array = f["arr_0"]
+    labels = f["arr_1"] if num_classes and "arr_1" in f.files else None
   if array.dtype != np.uint8 or array.ndim not in (3, 4):
     raise ValueError(f"{path}: arr_0 is {array.dtype} of shape {array.shape}; it must be uint8 [N, H, W(, C)].")
   if array.ndim == 3:
@@ -167,7 +161,12 @@ def _npz(path, size, channels):
                      "and data.channels to match, or resize the array.")
   if array.shape[3] != channels:
     array = np.stack([_fit(a, size, channels, path) for a in array])
-  return array
+  if not num_classes:
+    return array, None
+  if labels is None:
+    raise ValueError(f"{path} has no 'arr_1' of labels, which model.num_classes > 0 needs; save them with "
+                     "np.savez(path, images, labels).")
+  return array, _checked_labels(labels, num_classes, f"{path} arr_1")
 
 
 def _tfds(c, num_classes=0):
@@ -214,8 +213,7 @@ def make_source(data_config, num_classes=0):
     images, digits = _digits(c.image_size)
     return _ArraySource(images, _checked_labels(digits, num_classes, "digits") if num_classes else None)
   if c.source == "npz":
-    return _ArraySource(_npz(c.path, c.image_size, c.channels),
-                        _npz_labels(c.path, num_classes) if num_classes else None)
+    return _ArraySource(*_npz(c.path, c.image_size, c.channels, num_classes))
   if c.source == "folder":
     if not os.path.isdir(c.path):
       raise ValueError(f"data.path {c.path!r} is not a directory; point it at a folder of PNG/JPEG images.")
