@@ -4,8 +4,8 @@
 
 The hypothesis (docs/performance.md): XLA:CPU computes dW as a convolution whose contracted feature dimension is the
 batch (8 at batch 8) and whose window is the whole image, a shape its kernels run slowly; written as
-dW[i, j] = Σ_{n,h,w} x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], nine matmuls that contract over N·H·W, it would be faster.
-The second form (im2col) gathers the nine shifted copies into one [N·H·W, 9·in] patch matrix and does one matmul
+dW[i, j] = Σ_{n,h,w} x_pad[n, h+i, w+j, :]ᵀ g[n, h, w, :], nine matmuls that contract over N·H·W, it would be faster (that form now lives in ddpm_jax/models/conv3x3.py, with
+the Winograd one that bench_conv_impl.py times). The second form (im2col) gathers the nine shifted copies into one [N·H·W, 9·in] patch matrix and does one matmul
 with a 9× larger output.
 All forms are checked to agree, then timed alternately in one process (medians). The last line is the headline:
 XLA's time ÷ the nine matmuls' time at each shape (> 1: the matmul form is faster).
@@ -18,25 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.models import conv3x3
+
 # (batch, side, in channels, out channels): the CIFAR-10 U-Net's 3×3 convolutions at batch 8 and 32.
 SHAPES = ((8, 32, 128, 128), (8, 16, 256, 256), (8, 8, 256, 256), (32, 32, 128, 128))
-
-
-def _conv(x, w):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def weight_grad_xla(x, w, g):
-  return jax.vjp(lambda w: _conv(x, w), w)[1](g)[0]
-
-
-def weight_grad_matmuls(x, w, g):
-  del w
-  side_h, side_w, cin = x.shape[1:]
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  g2 = g.reshape(-1, g.shape[-1])  # [N·H·W, out]
-  shifted = lambda i, j: xp[:, i:i + side_h, j:j + side_w].reshape(-1, cin)  # [N·H·W, in]
-  return jnp.stack([jnp.stack([jnp.dot(shifted(i, j).T, g2) for j in range(3)]) for i in range(3)])
 
 
 def weight_grad_im2col(x, w, g):
@@ -57,7 +42,8 @@ def main():
   repeats = 3 if args.quick else args.repeats
   for line in common.machine_info(threads=0)[:2]:
     print(line)
-  fns = dict(xla=jax.jit(weight_grad_xla), matmuls=jax.jit(weight_grad_matmuls), im2col=jax.jit(weight_grad_im2col))
+  fns = dict(xla=jax.jit(conv3x3.weight_grad_xla), matmuls=jax.jit(conv3x3.weight_grad_matmuls),
+             im2col=jax.jit(weight_grad_im2col))
   rows, ratios = [], []
   for b, side, cin, cout in shapes:
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
