@@ -67,7 +67,8 @@ def get_config():
   training.skip_nonfinite_steps = False  # A NaN/inf loss or gradient is never applied; True: count and go on, False: stop.
   training.fid_every_steps = 0  # FID of fid_num_samples EMA samples every N steps (0 = never); best kept in best_fid/.
   training.fid_num_samples = 5000  # Samples per training-time FID (a multiple of the device count).
-  training.fid_num_steps = 0  # 0 = the full chain; n > 0 = n DDIM steps (eta 0), much faster for monitoring.
+  training.fid_num_steps = 0  # 0 = the full chain; n > 0 = n steps of fid_method, much faster for monitoring.
+  training.fid_method = "ddim"  # With fid_num_steps > 0: 'ddim' (eta 0) or a fast solver, e.g. 'dpm_solver++'.
   training.steps_per_dispatch = 1  # Train steps per compiled call (unrolled); >1 cuts dispatch overhead, compiles longer.
 
   config.sampling = sampling = ml_collections.ConfigDict()

@@ -187,6 +187,7 @@ def field_rules():
       "training.fid_every_steps": integer(0, meaning=never),
       "training.fid_num_samples": integer(1),
       "training.fid_num_steps": integer(0, meaning="0 = the full chain"),
+      "training.fid_method": one_of(sampling.FEW_STEP_METHODS),
       "training.steps_per_dispatch": integer(1),
       "sampling.num_samples": integer(1),
       "sampling.batch_size": integer(1),
@@ -387,8 +388,8 @@ def _check_train(config):
             f"a multiple of {k}, such as {max(k, every - every % k)}")
   if not t.get("fid_every_steps", 0):
     return [("training.batch_size", t.batch_size)]
-  fid_steps = t.get("fid_num_steps", 0)  # fid_monitor.py: n > 0 steps are DDIM's
-  _check_steps("training.fid_num_steps", fid_steps, config, "ddim" if fid_steps else "ancestral")
+  fid_steps = t.get("fid_num_steps", 0)  # fid_monitor.py: n > 0 steps of training.fid_method
+  _check_steps("training.fid_num_steps", fid_steps, config, t.get("fid_method", "ddim") if fid_steps else "ancestral")
   return [("training.batch_size", t.batch_size), ("training.fid_num_samples", t.fid_num_samples)]
 
 

@@ -32,6 +32,9 @@ from ddpm_jax import solvers
 # variances (analytic_dpm.py).
 CHAIN_METHODS = ("ancestral", "ddim", analytic_dpm.METHOD)
 METHODS = CHAIN_METHODS + solvers.METHODS  # the fast multistep solvers run in solvers.py
+# The few-step samplers that need nothing but the network (not 'analytic_dpm', which is fitted to data first):
+# training.fid_method's choices.
+FEW_STEP_METHODS = ("ddim",) + solvers.METHODS
 # 'auto': 'even' for the chains, 'logsnr' for the solvers. 'leading' and 'trailing' are diffusers' definitions of the
 # method's scheduler (DDIMScheduler for the chains, DPMSolverMultistepScheduler for the solvers), which differ.
 SPACINGS = tuple(dict.fromkeys(("auto",) + respacing.SPACINGS + solvers.SPACINGS))

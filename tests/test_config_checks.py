@@ -179,6 +179,8 @@ def learned(config, **sampling):
      "training.steps_per_dispatch = 3; use a multiple of 3, such as 699."),
     ("train", dict(training=dict(fid_every_steps=100, fid_num_steps=2000)), "training.fid_num_steps = 2000: more "
      "than the diffusion's T = 1000 steps"),
+    ("train", dict(training=dict(fid_every_steps=100, fid_num_steps=5, fid_method="analytic_dpm")),
+     "training.fid_method = 'analytic_dpm': unknown value; use one of 'ddim', 'dpm_solver++'"),
     ("sample", dict(sampling=dict(batch_size=100)), "sampling.batch_size = 100: not divisible"),
     ("sample", dict(sampling=dict(num_steps=1001)), "sampling.num_steps = 1001: more than the diffusion's T"),
     ("eval", dict(eval=dict(bpd_batch_size=12)), "eval.bpd_batch_size = 12: not divisible"),
@@ -250,8 +252,9 @@ def test_device_count_is_asked_only_when_every_other_rule_passes():
 
 def test_configs_older_than_a_field_are_filled_from_the_defaults_then_validate():
   lacking = ("restore_from", "model.dtype", "model.remat", "model.conv_impl", "training.fid_every_steps",
-             "training.fid_num_samples", "training.fid_num_steps", "training.steps_per_dispatch", "sampling.checkpoint",
-             "sampling.num_steps", "sampling.method", "sampling.eta", "sampling.clip_denoised", "data.num_threads")
+             "training.fid_num_samples", "training.fid_num_steps", "training.fid_method", "training.steps_per_dispatch",
+             "sampling.checkpoint", "sampling.num_steps", "sampling.method", "sampling.eta", "sampling.clip_denoised",
+             "data.num_threads")
   old = without(get_config("digits"), "eval", *lacking)
   defaults = get_config("cifar10")
   filled = config_checks.fill_missing(old, defaults)

@@ -24,7 +24,7 @@ def _config(steps):
   config = tiny_config(num_train_steps=steps)
   config.training.fid_every_steps = 2
   config.training.fid_num_samples = 8
-  config.training.fid_num_steps = 5
+  config.training.fid_num_steps, config.training.fid_method = 5, "dpm_solver++"  # any few-step sampler
   return config
 
 
@@ -40,6 +40,8 @@ def test_best_fid_checkpoint_is_kept_across_restarts_and_training_is_unchanged(t
   workdir = str(tmp_path / "run")
   state = train.train_and_evaluate(_config(6), workdir)
   assert len(measured) == 3 and all(np.all(np.isfinite(a[0])) for a in measured)  # the samples' real features
+  monitor = fid_monitor.FidMonitor(_config(6), workdir, None, None)
+  assert (monitor.sampler.method, monitor.sampler.num_steps) == ("dpm_solver++", 5)  # training.fid_method's
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.ema_params)
   best, info = fid_monitor.restore_best(workdir, abstract)
   assert info == dict(fid=3.0, step=4)
