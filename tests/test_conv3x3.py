@@ -62,6 +62,21 @@ def test_every_gradient_form_matches_xlas_vjp(shape):
     _assert_close(dws[form], dw, 1e-5, f"weight gradient, {form}")
 
 
+def test_the_forward_pass_is_xlas_convolution_and_im2col_on_tiny_images():
+  assert [conv3x3.forward_form(side) for side in (1, 2, 3, 4, 32)] == ["im2col", "im2col", "xla", "xla", "xla"]
+  for shape in ((3, 2, 2, 5, 4), (2, 1, 3, 3, 6), (2, 8, 7, 3, 6)):  # 2×2 and 1×3 take im2col, 8×7 XLA's
+    x, w, _ = _inputs(*shape)
+    got, im2col, want = _run(lambda x, w: (conv3x3.conv(x, w), conv3x3.im2col_conv(x, w), conv3x3.xla_conv(x, w)),
+                             x, w)
+    _assert_close(im2col, want, 1e-6, f"im2col at {shape}")
+    ops = {e.primitive.name for e in jaxpr_eqns(jax.make_jaxpr(conv3x3.conv)(x, w).jaxpr)}
+    assert ("conv_general_dilated" in ops) == (shape[1] * shape[2] > 4), ops
+    if shape[1] * shape[2] > 4:
+      np.testing.assert_array_equal(got, want)  # XLA's own, bit for bit
+    else:
+      _assert_close(got, want, 1e-6, f"forward at {shape}")
+
+
 @pytest.mark.parametrize("shape", [(1, 5, 4, 3, 6)], ids=lambda s: "×".join(map(str, s)))
 def test_bfloat16_gradients_have_xlas_dtypes_and_accuracy(shape):
   x, w, g = _inputs(*shape, dtype=jnp.bfloat16)
