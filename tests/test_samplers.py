@@ -214,7 +214,7 @@ def test_chain_spacings_and_the_ddim_trajectory_match_diffusers(spacing):
       sched = DDIMScheduler(num_train_timesteps=total, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                             clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing)
       sched.set_timesteps(n)
-      x = torch.from_numpy(x_init)
+      x = torch.from_numpy(np.array(x_init))  # a writable copy: x_init comes from a JAX array
       for i, t in enumerate(sched.timesteps.numpy()):
         out = eps(x.numpy(), float(t), xp=np).astype(np.float32)
         x = sched.step(torch.from_numpy(out), int(t), x, eta=0.0, use_clipped_model_output=True).prev_sample
