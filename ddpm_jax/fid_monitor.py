@@ -59,8 +59,7 @@ class FidMonitor:
     self.sampler = dataclasses.replace(
         Sampler.from_config(config.sampling, config.model.num_classes),
         method=t.get("fid_method", "ddim") if t.fid_num_steps else "ancestral", num_steps=t.fid_num_steps, eta=0.0,
-        order=2,
-        spacing="auto")
+        order=2, spacing="auto")
     devices.check_divisible("training.fid_num_samples", self.num_samples, jax.device_count())
     # Found now, not at the first measurement: a missing Inception file stops the run before it trains.
     self.weights = config.eval.inception_weights or inception_weights.default_weights_path()

@@ -25,10 +25,15 @@ IMPLS = ("auto", "xla")  # model.conv_impl: 'auto' = this op on the CPU backend,
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
-def use_custom(conv_impl):
-  """Whether model.conv_impl asks for this op here: 'auto' on the CPU backend."""
+def check_impl(conv_impl):
+  """The one-line error for a model.conv_impl that is not one of IMPLS."""
   if conv_impl not in IMPLS:
     raise ValueError(f"model.conv_impl = {conv_impl!r}: unknown value; use one of {', '.join(map(repr, IMPLS))}.")
+
+
+def use_custom(conv_impl):
+  """Whether model.conv_impl asks for this op here: 'auto' on the CPU backend."""
+  check_impl(conv_impl)
   return conv_impl == "auto" and jax.default_backend() == "cpu"
 
 

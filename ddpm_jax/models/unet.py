@@ -224,9 +224,7 @@ class UNet(nn.Module):
       raise ValueError("model.ch_mult must be non-empty and model.num_res_blocks >= 1.")
     if self.num_classes < 0 or not 0 <= self.class_dropout < 1:
       raise ValueError("model.num_classes must be >= 0 (0 = unconditional) and model.class_dropout in [0, 1).")
-    if self.conv_impl not in conv3x3.IMPLS:
-      raise ValueError(f"model.conv_impl = {self.conv_impl!r}: unknown value; use one of "
-                       f"{', '.join(map(repr, conv3x3.IMPLS))}.")
+    conv3x3.check_impl(self.conv_impl)
     bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
     if bad:
       raise ValueError(f"model.ch × ch_mult gives {bad} channels, not divisible by GroupNorm's 32 groups; "
