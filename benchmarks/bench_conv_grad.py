@@ -26,11 +26,8 @@ SHAPES = ((8, 32, 128, 128), (8, 16, 256, 256), (8, 8, 256, 256), (32, 32, 128, 
 
 def weight_grad_im2col(x, w, g):
   del w
-  side_h, side_w, cin = x.shape[1:]
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  patches = jnp.concatenate([xp[:, i:i + side_h, j:j + side_w] for i in range(3) for j in range(3)], axis=-1)
-  dw = jnp.dot(patches.reshape(-1, 9 * cin).T, g.reshape(-1, g.shape[-1]))  # [9·in, out], (i, j, in) order
-  return dw.reshape(3, 3, cin, -1)
+  dw = jnp.dot(conv3x3.im2col_patches(x).T, g.reshape(-1, g.shape[-1]))  # [9·in, out], (i, j, in) order
+  return dw.reshape(3, 3, x.shape[-1], -1)
 
 
 def main():

@@ -67,12 +67,18 @@ def xla_conv(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DIMENSIONS)
 
 
-def im2col_conv(x, w):
-  """The convolution as one matmul: the nine shifted copies of x side by side, [N·H·W, 9·in] · [9·in, out]."""
+def im2col_patches(x):
+  """The nine shifted copies of x side by side, one row per pixel: [N·H·W, 9·in] in (i, j, in) order, as w's
+  [3, 3, in, out] flattens to [9·in, out]."""
   n, h, wd, cin = x.shape
   xp = _pad_hw(x, 1, 1, 1)
-  patches = jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], axis=-1)
-  return jnp.dot(patches.reshape(-1, 9 * cin), w.reshape(9 * cin, -1)).reshape(n, h, wd, -1)
+  return jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], axis=-1).reshape(-1, 9 * cin)
+
+
+def im2col_conv(x, w):
+  """The convolution as one matmul, [N·H·W, 9·in] · [9·in, out]."""
+  n, h, wd, cin = x.shape
+  return jnp.dot(im2col_patches(x), w.reshape(9 * cin, -1)).reshape(n, h, wd, -1)
 
 
 def forward_form(side):
