@@ -120,10 +120,10 @@ def test_a_conditional_model_needs_labelled_inputs_or_sampling_labels(tmp_path):
   config = edit_config(inputs=str(tmp_path / "unlabelled.npz"), num_images=4)
   config.model.num_classes = 10
   with pytest.raises(ValueError, match="has no 'arr_1' of labels.*or give the classes in sampling.labels") as e:
-    edit.inputs_and_labels(config)
+    edit.load_inputs(config)
   assert "\n" not in str(e.value)
   config.sampling.labels = (3,)
-  images, labels = edit.inputs_and_labels(config)
+  images, labels = edit.load_inputs(config)
   assert images.shape == (4, 8, 8, 1) and list(labels) == [3, 3, 3, 3]
 
 

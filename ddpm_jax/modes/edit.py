@@ -47,17 +47,20 @@ def task_tag(edit_config, sampling_config=None, num_classes=0):
   return f"{tag}_w{float(sampling_config.guidance_scale)}" + ("_labels" + "-".join(map(str, labels)) if labels else "")
 
 
-def load_inputs(config, num_classes=0):
-  """uint8 [edit.num_images, H, W, C]: edit.inputs (a folder or .npz), or config.data's first examples; with
-  num_classes > 0, (those images, their int32 labels)."""
-  e, data = config.edit, config.data
+def load_inputs(config):
+  """(uint8 [edit.num_images, H, W, C], int32 labels [N] or None): edit.inputs (a folder or .npz), or config.data's
+  first examples. A conditional model's labels are sampling.labels cycled over the images when given, else the
+  inputs' own; an unconditional model's are None."""
+  e, data, num_classes = config.edit, config.data, config.model.num_classes
+  given = tuple(config.sampling.labels)
+  own = num_classes if num_classes and not given else 0  # read the inputs' labels with them
   if e.inputs:
     source = "folder" if fileio.isdir(e.inputs) else "npz"
     data = ml_collections.ConfigDict(dict(data.to_dict(), source=source, path=e.inputs))
   try:
-    source = input_pipeline.make_source(data, num_classes)
+    source = input_pipeline.make_source(data, own)
   except ValueError as err:
-    if not num_classes:
+    if not own:
       raise
     raise ValueError(f"{err} A conditional model edits towards each input's label; or give the classes in "
                      "sampling.labels.") from None
@@ -65,20 +68,9 @@ def load_inputs(config, num_classes=0):
     raise ValueError(f"edit.num_images = {e.num_images} but the inputs hold {len(source)} images; lower "
                      "edit.num_images or add images.")
   items = [source[i] for i in range(e.num_images)]
-  if not num_classes:
-    return np.stack(items)
-  return np.stack([image for image, _ in items]), np.array([label for _, label in items], np.int32)
-
-
-def inputs_and_labels(config):
-  """(load_inputs' images, each one's int32 label or None): the label is sampling.labels cycled over the images when
-  given, else the input's own; None for an unconditional model."""
-  num_classes, labels = config.model.num_classes, tuple(config.sampling.labels)
-  if not num_classes:
-    return load_inputs(config), None
-  if labels:
-    return load_inputs(config), sampling.labels_of(labels, np.arange(config.edit.num_images))
-  return load_inputs(config, num_classes)
+  if own:
+    return np.stack([image for image, _ in items]), np.array([label for _, label in items], np.int32)
+  return np.stack(items), sampling.labels_of(given, np.arange(e.num_images)) if num_classes else None
 
 
 def _edit_fn(model, diffusion, rng, edit_config, clip_denoised, guidance_scale):
@@ -127,7 +119,7 @@ def run(config, workdir):
   """Edits the inputs and writes the results; returns the output directory."""
   e = config.edit
   model, params, step = trained_params.load(config, workdir)
-  inputs, labels = inputs_and_labels(config)
+  inputs, labels = load_inputs(config)
   n, h, w = inputs.shape[:3]
   masks = (masks_lib.from_spec(e.masks, n, h, w, seed=config.seed) if e.task == "inpaint"
            else np.zeros((n, h, w, 1), np.float32))
