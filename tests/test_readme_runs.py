@@ -1,5 +1,10 @@
 """The README's set-up command and every offline command of README.md and docs/ run as written: from a fresh copy of
-the project, with the relative workdirs they print, shortened only by appended --config.* overrides."""
+the project, with the relative workdirs they print, shortened only by appended --config.* overrides.
+
+The set-up command and its rerun are processes of their own, exactly as printed; the other commands run one after
+another in one process (tests/commands_worker.py), which imports once and compiles what they share once. All run
+without LLVM optimisation (conftest.UNOPTIMISED_XLA), which halves their compiles: this test checks what the commands
+do and write, not their numbers (which other tests check at full optimisation)."""
 import glob
 import json
 import os
@@ -12,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, one_device_env, shown_commands
+from conftest import REPO, UNOPTIMISED_XLA, one_device_env, shown_commands
 
 # Appended to every command: a few steps of a T = 20 chain instead of hundreds of a T = 1000 one; same model.
 SHORT = ("--config.diffusion.num_timesteps=20", "--config.training.steps_per_dispatch=1",
@@ -63,11 +68,19 @@ def project(tmp_path_factory):
   return root
 
 
+def _shortened(args, *more):
+  """args + SHORT + the mode's MODE_SHORT (+ more, which win)."""
+  mode = next((a.split("=", 1)[1] for a in args if a.startswith("--mode=")), "train")
+  return list(args) + list(SHORT) + list(MODE_SHORT[mode]) + list(more)
+
+
+def _env():
+  return dict(one_device_env(), XLA_FLAGS=f"{one_device_env()['XLA_FLAGS']} {UNOPTIMISED_XLA}")
+
+
 def _run(project, argv, *more):
-  """Runs argv + SHORT (+ more, which win) from the project root; returns its log."""
-  mode = next((a.split("=", 1)[1] for a in argv if a.startswith("--mode=")), "train")
-  proc = subprocess.run(list(argv) + list(SHORT) + list(MODE_SHORT[mode]) + list(more), cwd=project, env=one_device_env(),
-                        capture_output=True, text=True, timeout=900)
+  """Runs argv, shortened, from the project root; returns its log."""
+  proc = subprocess.run(_shortened(argv, *more), cwd=project, env=_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stderr[-4000:]}"
   return proc.stderr
 
@@ -93,7 +106,7 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
   # flags are checked by test_docs.py), from the project root with the relative paths printed.
   np.savez(project / "runs" / "ref_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
   offline = [(path, a) for path, a in shown_commands("python main.py") if "--config=configs/digits.py" in a]
-  modes, ran = set(), {tuple(argv[2:])}  # the set-up command ran above; a command shown twice runs once
+  modes, ran, commands = set(), {tuple(argv[2:])}, []  # the set-up command ran above; one shown twice runs once
   for path, shown in offline:
     if tuple(shown) in ran:
       continue
@@ -103,11 +116,15 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
     # would take a minute of the 2 cores.
     at_8 = ("--config.data.image_size=8", "--config.model.attn_resolutions=(4,)")
     at_8 = at_8 if "--config.data.image_size=16" in shown else ()
-    _run(project, [sys.executable, "main.py"] + shown, "--config.training.num_train_steps=6",
-         "--config.training.sample_every_steps=0", *at_8)
+    commands.append(_shortened(shown, "--config.training.num_train_steps=6", "--config.training.sample_every_steps=0",
+                               *at_8))
     modes.add(next((a.split("=", 1)[1] for a in shown if a.startswith("--mode=")), "train"))
-    print(f"ran {path}: python {' '.join(shown)}")
+    print(f"runs {path}: python {' '.join(shown)}")
   assert {"train", "sample", "eval", "sweep", "distill", "edit"} <= modes
+  proc = subprocess.run([sys.executable, os.path.join("tests", "commands_worker.py")], input=json.dumps(commands),
+                        cwd=project, env=_env(), capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert proc.stderr.count("ran: python main.py") == len(commands), proc.stderr[-4000:]
   sample_dir = workdir / "samples" / "step_00000006"  # the paper's sampler's; the solvers' have their own
   samples = np.concatenate([np.load(p)["arr_0"] for p in sorted(glob.glob(str(sample_dir / "samples_*.npz")))])
   assert samples.shape == (6, 8, 8, 1) and samples.dtype == np.uint8 and samples.std() > 0
