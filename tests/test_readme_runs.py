@@ -69,9 +69,13 @@ def project(tmp_path_factory):
 
 
 def _shortened(args, *more):
-  """args + SHORT + the mode's MODE_SHORT (+ more, which win)."""
+  """args + SHORT + the mode's MODE_SHORT + more, the later of two settings of a field winning. The earlier one is
+  dropped, not left to be overridden: ml_collections joins a tuple field's two values ((5, 10, 20) then (5,) would
+  sweep (5, 10, 20, 5))."""
   mode = next((a.split("=", 1)[1] for a in args if a.startswith("--mode=")), "train")
-  return list(args) + list(SHORT) + list(MODE_SHORT[mode]) + list(more)
+  flags = list(args) + list(SHORT) + list(MODE_SHORT[mode]) + list(more)
+  field = lambda flag: flag.split("=", 1)[0] if flag.startswith("--config.") else None
+  return [f for i, f in enumerate(flags) if field(f) is None or field(f) not in map(field, flags[i + 1:])]
 
 
 def _env():
@@ -124,7 +128,9 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
   proc = subprocess.run([sys.executable, os.path.join("tests", "commands_worker.py")], input=json.dumps(commands),
                         cwd=project, env=_env(), capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert proc.stderr.count("ran: python main.py") == len(commands), proc.stderr[-4000:]
+  ran_lines = [line for line in proc.stderr.splitlines() if line.startswith("ran: python main.py")]
+  assert len(ran_lines) == len(commands), proc.stderr[-4000:]
+  print("\n".join(ran_lines))  # with their seconds (pytest -s shows them)
   sample_dir = workdir / "samples" / "step_00000006"  # the paper's sampler's; the solvers' have their own
   samples = np.concatenate([np.load(p)["arr_0"] for p in sorted(glob.glob(str(sample_dir / "samples_*.npz")))])
   assert samples.shape == (6, 8, 8, 1) and samples.dtype == np.uint8 and samples.std() > 0
