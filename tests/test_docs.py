@@ -31,7 +31,7 @@ def _as_json(flag_value):
 
 def test_every_main_command_parses_with_the_config_it_names():
   argvs = [argv for _, argv in MAIN_COMMANDS]
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "docs_flags_worker.py")], cwd=REPO,
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "commands_worker.py"), "--parse"], cwd=REPO,
                         input=json.dumps(argvs), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])

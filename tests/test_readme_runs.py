@@ -79,7 +79,9 @@ def _shortened(args, *more):
 
 
 def _env():
-  return dict(one_device_env(), XLA_FLAGS=f"{one_device_env()['XLA_FLAGS']} {UNOPTIMISED_XLA}")
+  env = one_device_env()
+  env["XLA_FLAGS"] += " " + UNOPTIMISED_XLA
+  return env
 
 
 def _run(project, argv, *more):
