@@ -32,9 +32,11 @@ STOP_SECONDS = 30  # a Cloud TPU preemption notice
 
 
 def _env(cache_dir):
-  """One CPU device; the caller's compilation cache (e.g. the test suite's, shared by every test) or cache_dir."""
+  """One CPU device, the caller's other XLA flags; the caller's compilation cache (e.g. the test suite's, shared by
+  every test) or cache_dir."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]))
   env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
   return env
 

@@ -9,21 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import jaxpr_eqns, max_rel_diff, tiny_config, UNOPTIMISED_XLA
+from conftest import jaxpr_eqns, max_rel_diff, tiny_config
 from ddpm_jax import train_step
 from ddpm_jax.models import conv3x3
 from ddpm_jax.models import unet
-
-
-# No LLVM optimisation (conftest.UNOPTIMISED_XLA) for the programs here: it halves their compiles, and the forms'
-# values do not depend on it (bench_conv_impl.py checks them again, optimised, at the U-Nets' own shapes).
-_FAST_COMPILE = {k: {"true": True, "false": False}.get(v, v) for k, v in
-                 (flag.removeprefix("--").split("=") for flag in UNOPTIMISED_XLA.split())}
-
-
-def _run(fn, *args):
-  """fn(*args), compiled without LLVM optimisation."""
-  return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)(*args)
 
 
 def _inputs(n, h, w, cin, cout, dtype=jnp.float32, seed=0):
@@ -36,9 +25,9 @@ def _inputs(n, h, w, cin, cout, dtype=jnp.float32, seed=0):
 
 def _every_form(x, w, g):
   """(XLA's dx, dw), {form: dx}, {form: dw}: one compile per shape."""
-  return _run(lambda x, w, g: (jax.vjp(conv3x3.xla_conv, x, w)[1](g),
-                               {f: fn(x, w, g) for f, fn in conv3x3.INPUT_GRADS.items()},
-                               {f: fn(x, w, g) for f, fn in conv3x3.WEIGHT_GRADS.items()}), x, w, g)
+  return jax.jit(lambda x, w, g: (jax.vjp(conv3x3.xla_conv, x, w)[1](g),
+                                  {f: fn(x, w, g) for f, fn in conv3x3.INPUT_GRADS.items()},
+                                  {f: fn(x, w, g) for f, fn in conv3x3.WEIGHT_GRADS.items()}))(x, w, g)
 
 
 def _assert_close(got, want, rel, what):
@@ -66,8 +55,8 @@ def test_the_forward_pass_is_xlas_convolution_and_im2col_on_tiny_images():
   assert [conv3x3.forward_form(side) for side in (1, 2, 3, 4, 32)] == ["im2col", "im2col", "xla", "xla", "xla"]
   for shape in ((3, 2, 2, 5, 4), (2, 1, 3, 3, 6), (2, 8, 7, 3, 6)):  # 2×2 and 1×3 take im2col, 8×7 XLA's
     x, w, _ = _inputs(*shape)
-    got, im2col, want = _run(lambda x, w: (conv3x3.conv(x, w), conv3x3.im2col_conv(x, w), conv3x3.xla_conv(x, w)),
-                             x, w)
+    got, im2col, want = jax.jit(lambda x, w: (conv3x3.conv(x, w), conv3x3.im2col_conv(x, w),
+                                              conv3x3.xla_conv(x, w)))(x, w)
     _assert_close(im2col, want, 1e-6, f"im2col at {shape}")
     ops = {e.primitive.name for e in jaxpr_eqns(jax.make_jaxpr(conv3x3.conv)(x, w).jaxpr)}
     assert ("conv_general_dilated" in ops) == (shape[1] * shape[2] > 4), ops
@@ -117,9 +106,9 @@ def test_gradients_under_jit_checkpoint_vmap_and_pmap():
   grad = lambda loss: jax.grad(loss, argnums=(0, 1))
   # One program: XLA's gradients, ours under jit, under jax.checkpoint, and vmapped over examples (batch 1 each:
   # per-example weight gradients, whose sum is the batch's).
-  want, plain, remat, per_example = _run(lambda x, w: (
+  want, plain, remat, per_example = jax.jit(lambda x, w: (
       grad(_loss(conv3x3.xla_conv))(x, w), grad(_loss(custom))(x, w), grad(jax.checkpoint(_loss(custom)))(x, w),
-      jax.vmap(grad(_loss(custom)), in_axes=(0, None))(x[:, None], w)), x, w)
+      jax.vmap(grad(_loss(custom)), in_axes=(0, None))(x[:, None], w)))(x, w)
   for name, got in (("jit", plain), ("checkpoint", remat)):
     for value, ref, what in zip(got, want, ("dx", "dw")):
       _assert_close(value, ref, 1e-5, f"{name} {what}")
@@ -176,7 +165,7 @@ def test_unet_auto_is_the_xla_unet_same_params_output_and_gradients(monkeypatch)
       y, pullback = jax.vjp(apply(m), p)
       out[name] = y, pullback(2 * y)[0]  # the gradient of Σ y²
     return out
-  (y, grads), (y_xla, grads_xla) = _run(output_and_grads, params).values()
+  (y, grads), (y_xla, grads_xla) = jax.jit(output_and_grads)(params).values()
   np.testing.assert_array_equal(y, y_xla)
   assert max_rel_diff(grads, grads_xla) <= 1e-5
   flat, flat_xla = (flax.traverse_util.flatten_dict(g, sep="/") for g in (grads, grads_xla))

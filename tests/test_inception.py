@@ -126,11 +126,12 @@ def test_the_batch_is_split_across_the_local_devices(params, torchscript_model):
   assert len(spread.sharding.device_set) == 8
   one = inception.make_feature_fn(params, devices=jax.local_devices()[:1])(images)["pool_3"]
   assert len(one.sharding.device_set) == 1
-  np.testing.assert_allclose(np.asarray(spread), np.asarray(one), rtol=1e-6, atol=1e-6)
+  # Float rounding only: batches of 1 and of 8 are convolved in different orders (3e-6 seen).
+  np.testing.assert_allclose(np.asarray(spread), np.asarray(one), rtol=1e-5, atol=1e-5)
   assert _rel_err(np.asarray(spread), _reference_pool3(torchscript_model, images)) <= 1e-4
   # 5 images on 8 devices: padded to 8, the padding's features dropped.
   five = inception.make_feature_fn(params)(images[:5])["pool_3"]
-  np.testing.assert_allclose(np.asarray(five), np.asarray(one)[:5], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(five), np.asarray(one)[:5], rtol=1e-5, atol=1e-5)
 
 
 def test_resize_matches_tensorflow():

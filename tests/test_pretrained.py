@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import UNOPTIMISED_XLA, abstract, diffusers_unet, tf_names, write_tf1_checkpoint
+from conftest import abstract, diffusers_unet, tf_names, write_tf1_checkpoint
 from ddpm_jax import pretrained
 from ddpm_jax.models import unet
 
@@ -128,12 +128,11 @@ def test_main_samples_from_converted_weights(tmp_path):
          f"--config.restore_from={tmp_path / 'converted'}", "--config.diffusion.num_timesteps=2",
          "--config.sampling.num_samples=8", "--config.sampling.batch_size=8"]
   root = os.path.join(os.path.dirname(__file__), "..")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {UNOPTIMISED_XLA}")
-  proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   samples = np.load(tmp_path / "run" / "samples" / "step_00000000" / "samples_00000_host0.npz")["arr_0"]
   assert samples.shape == (8, 32, 32, 3) and samples.dtype == np.uint8 and samples.std() > 0
   wrong = [sys.executable, "main.py", "--config=configs/digits.py", f"--workdir={tmp_path / 'run2'}", "--mode=sample",
            f"--config.restore_from={tmp_path / 'converted'}"]
-  proc = subprocess.run(wrong, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(wrong, cwd=root, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0 and "holds the cifar10 U-Net (32²) but the config is for 8²" in proc.stderr

@@ -2,9 +2,9 @@
 the project, with the relative workdirs they print, shortened only by appended --config.* overrides.
 
 The set-up command and its rerun are processes of their own, exactly as printed; the other commands run one after
-another in one process (tests/commands_worker.py), which imports once and compiles what they share once. All run
-without LLVM optimisation (conftest.UNOPTIMISED_XLA), which halves their compiles: this test checks what the commands
-do and write, not their numbers (which other tests check at full optimisation)."""
+another in one process (tests/commands_worker.py), which imports once and compiles what they share once. Like every
+test, they compile without LLVM optimisation (conftest.UNOPTIMISED_XLA): this test checks what the commands do and
+write."""
 import glob
 import json
 import os
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, UNOPTIMISED_XLA, one_device_env, shown_commands
+from conftest import REPO, one_device_env, shown_commands
 
 # Appended to every command: a few steps of a T = 20 chain instead of hundreds of a T = 1000 one; same model.
 SHORT = ("--config.diffusion.num_timesteps=20", "--config.training.steps_per_dispatch=1",
@@ -78,15 +78,10 @@ def _shortened(args, *more):
   return [f for i, f in enumerate(flags) if field(f) is None or field(f) not in map(field, flags[i + 1:])]
 
 
-def _env():
-  env = one_device_env()
-  env["XLA_FLAGS"] += " " + UNOPTIMISED_XLA
-  return env
-
-
 def _run(project, argv, *more):
   """Runs argv, shortened, from the project root; returns its log."""
-  proc = subprocess.run(_shortened(argv, *more), cwd=project, env=_env(), capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(_shortened(argv, *more), cwd=project, env=one_device_env(), capture_output=True, text=True,
+                        timeout=900)
   assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stderr[-4000:]}"
   return proc.stderr
 
@@ -128,7 +123,7 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
     print(f"runs {path}: python {' '.join(shown)}")
   assert {"train", "sample", "eval", "sweep", "distill", "edit"} <= modes
   proc = subprocess.run([sys.executable, os.path.join("tests", "commands_worker.py")], input=json.dumps(commands),
-                        cwd=project, env=_env(), capture_output=True, text=True, timeout=1800)
+                        cwd=project, env=one_device_env(), capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-4000:]
   ran_lines = [line for line in proc.stderr.splitlines() if line.startswith("ran: python main.py")]
   assert len(ran_lines) == len(commands), proc.stderr[-4000:]

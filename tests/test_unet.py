@@ -115,8 +115,8 @@ def test_remat_keeps_param_names_and_gradients():
     return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params))])
 
   g_plain, g_remat = grads(plain), grads(remat)
-  # Same dropout masks and the same math: only float reassociation may differ.
-  assert np.linalg.norm(g_remat - g_plain) <= 1e-6 * np.linalg.norm(g_plain)
+  # Same dropout masks and the same math: only float rounding may differ (1.3e-6 seen; another mask would give ~1).
+  assert np.linalg.norm(g_remat - g_plain) <= 1e-5 * np.linalg.norm(g_plain)
   # Every ResnetBlock (2 down, 2 mid, 4 up) is a checkpoint region; without remat there is none.
   count = lambda m: sum(e.primitive.name in ("checkpoint", "remat2") for e in jaxpr_eqns(jax.make_jaxpr(
       lambda p: m.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)}))(params).jaxpr))
