@@ -1,5 +1,4 @@
-"""Two processes on 127.0.0.1 (2 CPU devices each) train like one process: same params, shared checkpoints; when one
-dies, the other stops in bounded time."""
+"""Two processes on 127.0.0.1 (2 CPU devices each) train like one process: same params, shared checkpoints."""
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from ddpm_jax.modes import train
 from conftest import assert_trees_equal, max_rel_diff, params_file, tiny_config
@@ -60,8 +58,7 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   """A 2-process run against one process (this test's 8 devices) over the same global batches, step by step.
 
   Checkpoints cross between them both ways: 2 processes → 1 at step 2, 1 → 2 at step 4, 2 → 2 at step 6. Process 1
-  reaches the first train step LATE seconds after process 0 (a slow host), beyond XLA:CPU's 30 s to connect. At the
-  end process 1 is killed mid-training (one scenario with the rest: starting a cluster is most of its cost).
+  reaches the first train step LATE seconds after process 0 (a slow host), beyond XLA:CPU's 30 s to connect.
   """
   from ddpm_jax import diffusion as dlib
   from ddpm_jax import trained_params
@@ -97,17 +94,13 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   assert "Starting at step 2 of 4" in caplog.text  # resumed (a fresh start would give the same params)
 
   # Launch 2 restores that 1-process checkpoint, evaluates it, trains to 6, then restores its own step 6 and trains
-  # to 8, then trains on until process 1 dies (a dead peer); meanwhile this process takes the reference to step 8.
+  # to 8; meanwhile this process takes the reference to step 8.
   ref_mu = np.random.default_rng(0).normal(size=fid.FEATURE_DIM)
   fid.save_stats(str(run / "ref_stats.npz"), ref_mu, np.eye(fid.FEATURE_DIM))
-  procs = _start_cluster(run, "sample_eval:4", "train:6", "train:8", "train:100000", heartbeat_seconds=5)
-  try:
-    for step in (6, 8):
-      single[step] = _leaves(train.train_and_evaluate(tiny_config(num_train_steps=step), str(one)))
-    outs = _kill_peer_once_training_passes(procs, run / "checkpoints", step=8)
-  finally:  # never leave the cluster training on after a failure
-    for p in procs:
-      p.kill()
+  procs = _start_cluster(run, "sample_eval:4", "train:6", "train:8")
+  for step in (6, 8):
+    single[step] = _leaves(train.train_and_evaluate(tiny_config(num_train_steps=step), str(one)))
+  outs = _wait(procs)
   assert all("Starting at step 4 of 6" in out and "Starting at step 6 of 8" in out for out in outs)
   assert max_rel_diff(_cluster_params(run, 6), single[6]) <= 1e-6
   assert max_rel_diff(_cluster_params(run, 8), single[8]) <= 1e-5  # rounding grows with the steps: 1.8e-6 seen
@@ -141,22 +134,15 @@ def flax_replicate(tree):
   return flax.jax_utils.replicate(tree)
 
 
-def _kill_peer_once_training_passes(procs, checkpoints, step):
-  """Kills process 1 once the cluster has saved a checkpoint after `step`; process 0 must then fail in bounded time
-  (not hang in a collective until the job's wall-clock limit) and keep what was saved. Both processes' output."""
-  saved = lambda: [int(d) for d in os.listdir(checkpoints) if d.isdigit()]
-  deadline = time.time() + 600
-  while max(saved(), default=0) <= step:  # older checkpoints are pruned as training goes on: any later one will do
-    if procs[0].poll() is not None or procs[1].poll() is not None or time.time() > deadline:
-      for p in procs:
-        p.kill()  # for their output (the caller kills them too)
-      pytest.fail(f"no checkpoint after step {step}:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
+def test_a_dead_peer_stops_the_other_process_in_bounded_time(tmp_path):
+  procs = _start_cluster(tmp_path, "train:100000", heartbeat_seconds=5)
+  deadline = time.time() + 300
+  while not os.path.isdir(tmp_path / "checkpoints" / "2") and time.time() < deadline:  # training is under way
+    assert procs[0].poll() is None and procs[1].poll() is None
     time.sleep(0.5)
   procs[1].send_signal(signal.SIGKILL)
   killed = time.time()
-  newest = max(saved())
   out = procs[0].communicate(timeout=120)[0]
   assert procs[0].returncode != 0, out[-2000:]
-  assert time.time() - killed < 60, out[-2000:]
-  assert max(saved()) >= newest  # what was saved stays
-  return [out, procs[1].communicate()[0]]
+  assert time.time() - killed < 60, out[-2000:]  # not hung in a collective until the job's wall-clock limit
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")  # what was saved stays
