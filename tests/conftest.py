@@ -10,8 +10,14 @@ import shlex
 # (XLA's graph passes, fusion included, still run; only the generated machine code is slower); speed is measured
 # fully optimised, by benchmarks/ and the demo.
 UNOPTIMISED_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), UNOPTIMISED_XLA,
-                                    "--xla_force_host_platform_device_count=8"]).strip()
+
+
+def xla_flags(devices):
+  """XLA_FLAGS for a process of the suite: UNOPTIMISED_XLA on `devices` virtual CPU devices."""
+  return f"{UNOPTIMISED_XLA} --xla_force_host_platform_device_count={devices}"
+
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the session, inherited by the xdist workers and every subprocess: the many
 # short runs of the same tiny configs compile each program once instead of once per process.
@@ -76,7 +82,7 @@ TINY_FLAGS = ("--config=configs/digits.py", "--config.data.image_size=8", "--con
 
 def one_device_env():
   """The environment of a subprocess on one CPU device, compiling like this process (UNOPTIMISED_XLA)."""
-  return dict(os.environ, XLA_FLAGS=f"{UNOPTIMISED_XLA} --xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

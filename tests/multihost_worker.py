@@ -12,8 +12,8 @@ import time
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 # conftest asks for the test process's 8 devices; this process's 2 are set after it, before JAX starts a backend,
 # with the compile flags of the test process (which trains the one-process reference).
-from conftest import UNOPTIMISED_XLA, multihost_eval_config, save_params, tiny_config  # pylint: disable=g-import-not-at-top
-os.environ["XLA_FLAGS"] = f"{UNOPTIMISED_XLA} --xla_force_host_platform_device_count=2"
+from conftest import multihost_eval_config, save_params, tiny_config, xla_flags  # pylint: disable=g-import-not-at-top
+os.environ["XLA_FLAGS"] = xla_flags(2)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import logging  # pylint: disable=g-import-not-at-top
