@@ -15,8 +15,9 @@ pytest.importorskip("diffusers", reason="the benchmark compares against diffuser
 
 
 def test_bench_fast_samplers_tiny(tmp_path):
-  # One CPU device (conftest asks for 8): the script's own setting when run by hand. The suite's compile flags: its
-  # Inception passes run slower with them, but its compiles save more (87 against 100 CPU-s for the script here).
+  # One CPU device (conftest asks for 8): the script's own setting when run by hand. The suite's compile flags:
+  # its Inception passes run slower with them, but its compiles save more (84–87 against 92–100 CPU-s,
+  # docs/performance.md).
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=UNOPTIMISED_XLA)
   out = tmp_path / "bench"
   proc = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_fast_samplers.py"), "--tiny",
