@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, UNOPTIMISED_XLA
+from conftest import REPO, one_device_env
 
 pytest.importorskip("torch", reason="the benchmark compares against PyTorch (the test extra)")
 pytest.importorskip("diffusers", reason="the benchmark compares against diffusers (the test extra)")
@@ -18,7 +18,7 @@ def test_bench_fast_samplers_tiny(tmp_path):
   # One CPU device (conftest asks for 8): the script's own setting when run by hand. The suite's compile flags:
   # its Inception passes run slower with them, but its compiles save more (84–87 against 92–100 CPU-s,
   # docs/performance.md).
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=UNOPTIMISED_XLA)
+  env = one_device_env()
   out = tmp_path / "bench"
   proc = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_fast_samplers.py"), "--tiny",
                          f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

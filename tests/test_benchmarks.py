@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, UNOPTIMISED_XLA
+from conftest import REPO, one_device_env
 
 pytest.importorskip("torch", reason="the benchmarks compare against PyTorch (the test extra)")
 pytest.importorskip("diffusers", reason="the benchmarks compare against diffusers (the test extra)")
@@ -24,8 +24,7 @@ def outputs():
   each compiled them anew: 140 against 100 CPU-s)."""
   # One CPU device (conftest asks for 8), the suite's compile flags: this checks that the scripts work, not their
   # speed. PYTHON: the interpreter accelerator.sh runs (this one, whatever the PATH).
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHON=sys.executable,
-             XLA_FLAGS=UNOPTIMISED_XLA)
+  env = dict(one_device_env(), PYTHON=sys.executable)
   result = {}
   for name, argv in COMMANDS.items():
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

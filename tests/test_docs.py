@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, UNOPTIMISED_XLA, abstract, shown_commands, tf_names, write_tf1_checkpoint
+from conftest import REPO, abstract, one_device_env, shown_commands, tf_names, write_tf1_checkpoint
 
 MAIN_COMMANDS = shown_commands("python main.py")
 
@@ -79,7 +79,7 @@ def python_blocks(path):
 def test_the_api_page_example_runs():
   (block,) = python_blocks("docs/api.md")
   proc = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, XLA_FLAGS=UNOPTIMISED_XLA, PYTHONPATH=REPO))
+                        env=dict(one_device_env(), PYTHONPATH=REPO))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert re.search(r"loss \d+\.\d+; samples \(4, 16, 16, 1\) in \[-?\d", proc.stdout), proc.stdout
 
@@ -87,7 +87,7 @@ def test_the_api_page_example_runs():
 def test_the_readme_library_example_runs_as_written():
   (block,) = python_blocks("README.md")
   proc = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, XLA_FLAGS=UNOPTIMISED_XLA, PYTHONPATH=REPO))
+                        env=dict(one_device_env(), PYTHONPATH=REPO))
   assert proc.returncode == 0, proc.stderr[-3000:]
   shape, lo, hi = re.fullmatch(r"\((\d+), (\d+), (\d+), (\d+)\) (\S+) (\S+)", proc.stdout.strip()).group(1, 5, 6)
   assert shape == "4" and -1.0 <= float(lo) < float(hi) <= 1.0, proc.stdout

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import UNOPTIMISED_XLA
+from conftest import one_device_env
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -32,12 +32,9 @@ def run(name, tmp_path):
   """Executes the notebook in smoke mode; returns (workdir, all text it printed)."""
   nb = read(name)
   workdir = tmp_path / "work"
-  env = dict(os.environ,
+  env = dict(one_device_env(),  # one CPU device (conftest's 8 are for this process only)
              DDPM_NOTEBOOK_SMOKE="1", DDPM_NOTEBOOK_WORKDIR=str(workdir),
-             JAX_PLATFORMS="cpu",
-             XLA_FLAGS=UNOPTIMISED_XLA,  # one CPU device (conftest's 8 are for this process only)
-             HF_HUB_OFFLINE="1", TFDS_DATA_DIR=str(tmp_path / "tfds"),
-             TF_CPP_MIN_LOG_LEVEL="2")
+             HF_HUB_OFFLINE="1", TFDS_DATA_DIR=str(tmp_path / "tfds"))
   client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
                                    resources={"metadata": {"path": NOTEBOOKS}})  # the kernel's cwd, as in Jupyter
   client.execute(env=env)  # raises CellExecutionError at the first failing cell
