@@ -103,7 +103,7 @@ class FidMonitor:
                  self.best_fid)
     if value < self.best_fid:
       self.best_fid = value
-      params = jax.device_get(train_step.unreplicate(ema_params_replicated))
+      params = train_step.unreplicate(ema_params_replicated)
       self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                       info=ocp.args.JsonSave(dict(fid=value, step=step))))
     return value

@@ -55,9 +55,11 @@ def create_optimizer(optim_config):
 
 def create_train_state(rng, model, tx, image_shape):
   """Fresh params (EMA starts equal to them) and optimizer state; image_shape is (H, W, C)."""
-  init = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,), jnp.int32)))
-  params = init(rng)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+  # One compiled program: run eagerly, the optimizer's init compiles a small program per parameter shape.
+  def init(r):
+    params = model.init(r, jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+  return jax.jit(init)(rng)
 
 
 def split_batch(batch):
@@ -207,5 +209,8 @@ def release_freed_memory():
 
 
 def unreplicate(tree):
-  """This host's copy of a pmap-replicated pytree (works on multi-host pods, where x[0] may not be addressable)."""
-  return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
+  """This host's copy of a pmap-replicated pytree, as NumPy arrays (works on multi-host pods, where x[0] may not be
+  addressable). A copy on the host: every caller wants it there; slicing each leaf on the device would compile a
+  program per leaf shape; and a zero-copy view of a CPU buffer would change under an asynchronous checkpoint save
+  once the next step reuses the donated state."""
+  return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data)[0], tree)

@@ -234,6 +234,7 @@ def make_feature_fn(params, devices=None):
     if pad:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
     out = _apply(with_logits, params, jax.device_put(images, by_example))
-    return {k: v[:n] for k, v in out.items()} if pad else out
+    # Padded batches are cut on the host: a device slice would compile a program per batch size.
+    return {k: np.asarray(v)[:n] for k, v in out.items()} if pad else out
 
   return feature_fn

@@ -116,7 +116,7 @@ def _host_data(config, start_step):
 
 def _save(checkpointer, step, state, config):
   # Host NumPy copies: Orbax cannot save the process-local device arrays that pmap leaves on a multi-host run.
-  checkpointer.save(step, jax.device_get(train_step.unreplicate(state)),
+  checkpointer.save(step, train_step.unreplicate(state),
                     dict(global_batch_size=config.training.batch_size, seed=config.seed, next_step=step))
 
 
