@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from conftest import REPO, assert_trees_equal, max_rel_diff, tiny_config
+from conftest import REPO, assert_trees_equal, max_rel_diff, one_device_env, tiny_config
 from ddpm_jax import diffusion as dlib
 from ddpm_jax.modes import train
 from ddpm_jax import train_step
@@ -79,6 +79,20 @@ def test_the_train_step_module_keeps_tensorflow_out():
   assert out.strip() == "[]", out
 
 
+def test_the_loops_writers_come_without_keras_and_tf_keras_still_loads(tmp_path):
+  """Keras is ~1.6 s and 100 MB of a training process's start-up that nothing uses (tensorflow_cpu.py): the loop's
+  writers, hparams included, load without it; tf.keras still works afterwards, and the variable is restored."""
+  code = ("import os, sys; from ddpm_jax.modes import train; from configs import digits; "
+          f"w = train._open_writer(digits.get_config(), {str(tmp_path)!r}, 0); w.write_scalars(1, dict(x=1.0)); "
+          "w.flush(); print('keras' in sys.modules, os.environ.get('TF_USE_LEGACY_KERAS')); "
+          "import tensorflow as tf; print(tf.keras.layers.Dense.__name__)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(one_device_env(), TF_CPP_MIN_LOG_LEVEL="2"),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["False", "None", "Dense"], out.stdout
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))  # the summaries (the config as hparams) were written
+
+
 def test_warmup_schedule_and_ema_closed_forms():
   config = tiny_config()
   config.optim.warmup_steps = 10
@@ -128,7 +142,7 @@ def test_loss_falls_on_digits(tmp_path, monkeypatch):
     write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = (
         lambda self, *a, **k: None)
     write_hparams = flush = close = lambda self, *a, **k: None
-  monkeypatch.setattr(train.metric_writers, "create_default_writer", lambda *a, **k: Recorder())
+  monkeypatch.setattr(metric_writers, "create_default_writer", lambda *a, **k: Recorder())
   _run(config, tmp_path)
   assert len(losses) == 10
   assert losses[-1] < 0.6 * losses[0], losses  # 0.88 → 0.39 seen

@@ -4,8 +4,6 @@ import json
 import logging
 import os
 
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 import jax
 import numpy as np
@@ -91,7 +89,8 @@ def _restore_or_init(config, model, tx, checkpointer, rng, init_params=None):
 
 def _open_writer(config, workdir, start_step):
   """clu's writers (events on host 0, logging elsewhere); a new run records the config's scalars as hparams."""
-  tensorflow_cpu.load()  # before clu's writer makes TensorFlow claim the GPUs
+  tensorflow_cpu.load()  # before clu imports TensorFlow: see tensorflow_cpu.py
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in flax.traverse_util.flatten_dict(config.to_dict(), sep=".").items()
@@ -209,6 +208,7 @@ def train_and_evaluate(config, workdir, *, init_params=None, objective=train_ste
     state = flax.jax_utils.replicate(state)
     evaluations = _SampleGridsAndFid(config, workdir, model, diffusion, sample_rng, writer)
     summaries = _Summaries(writer, ckpt, t_cfg.skip_nonfinite_steps)
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (after _open_writer: TensorFlow)
     report = periodic_actions.ReportProgress(num_train_steps=t_cfg.num_train_steps, writer=writer)
     run_steps = None
     with GracefulStop() as stop:
