@@ -30,11 +30,11 @@ class _NoKerasCallbacks(types.ModuleType):
 
 
 def _import_without_keras():
-  """Imports and returns TensorFlow without Keras, which nothing here uses and which costs every training process ~1.6 s of CPU
-  and 100 MB at start-up. TensorFlow imports Keras eagerly unless TF_USE_LEGACY_KERAS is set (it then tries tf_keras
-  and moves on when that is absent), and TensorBoard's hparams plugin, which clu's summary writer imports, subclasses
-  a Keras callback at import. Afterwards tf.keras still loads Keras on first use: only the variable's value during
-  the import and the hparams plugin's Keras callback are changed."""
+  """Imports and returns TensorFlow without Keras, which nothing here uses and which costs every training process
+  ~1 CPU-s and 100 MB at start-up (docs/performance.md). TensorFlow imports Keras eagerly unless TF_USE_LEGACY_KERAS
+  is set (it then tries tf_keras and moves on when that is absent), and TensorBoard's hparams plugin, which clu's
+  summary writer imports, subclasses a Keras callback at import. Afterwards tf.keras still loads Keras on first use:
+  only the variable's value during the import and the hparams plugin's Keras callback are changed."""
   if "keras" not in sys.modules:
     name = "tensorboard.plugins.hparams._keras"
     sys.modules.setdefault(name, _NoKerasCallbacks(name))

@@ -80,7 +80,7 @@ def test_the_train_step_module_keeps_tensorflow_out():
 
 
 def test_the_loops_writers_come_without_keras_and_tf_keras_still_loads(tmp_path):
-  """Keras is ~1.6 s and 100 MB of a training process's start-up that nothing uses (tensorflow_cpu.py): the loop's
+  """Keras is ~1 CPU-s and 100 MB of a training process's start-up that nothing uses (tensorflow_cpu.py): the loop's
   writers, hparams included, load without it; tf.keras still works afterwards, and the variable is restored."""
   code = ("import os, sys; from ddpm_jax.modes import train; from configs import digits; "
           f"w = train._open_writer(digits.get_config(), {str(tmp_path)!r}, 0); w.write_scalars(1, dict(x=1.0)); "

@@ -208,7 +208,8 @@ def train_and_evaluate(config, workdir, *, init_params=None, objective=train_ste
     state = flax.jax_utils.replicate(state)
     evaluations = _SampleGridsAndFid(config, workdir, model, diffusion, sample_rng, writer)
     summaries = _Summaries(writer, ckpt, t_cfg.skip_nonfinite_steps)
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (after _open_writer: TensorFlow)
+    # Imported after _open_writer: clu imports TensorFlow, which tensorflow_cpu.load() must import first.
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     report = periodic_actions.ReportProgress(num_train_steps=t_cfg.num_train_steps, writer=writer)
     run_steps = None
     with GracefulStop() as stop:
