@@ -1,4 +1,5 @@
 """Each benchmark script runs end to end at its smallest settings (--quick, tiny model) and prints its headline."""
+import json
 import os
 import re
 import subprocess
@@ -6,30 +7,40 @@ import sys
 
 import pytest
 
+import scripts_worker
 from conftest import REPO, one_device_env
 
 pytest.importorskip("torch", reason="the benchmarks compare against PyTorch (the test extra)")
 pytest.importorskip("diffusers", reason="the benchmarks compare against diffusers (the test extra)")
-# name → the command, run from the repository's root.
-COMMANDS = {s: [sys.executable, os.path.join("benchmarks", s), "--quick"]
-            for s in ("bench_train.py", "bench_sample.py", "bench_memory.py", "profile_train.py", "bench_conv_grad.py",
-                      "bench_conv_impl.py")}
-COMMANDS["accelerator.sh"] = ["bash", os.path.join("benchmarks", "accelerator.sh"), "--tiny"]
+# The Python scripts, run from the repository's root one after another in one process (tests/scripts_worker.py),
+# bench_train.py first: most of their time is compiling the tiny model's train step and chains, which the later
+# scripts then read from the suite's compilation cache (all at once, each compiled them anew: 140 against 100 CPU-s).
+SCRIPTS = [[os.path.join("benchmarks", s), "--quick"]
+           for s in ("bench_train.py", "bench_sample.py", "bench_memory.py", "profile_train.py", "bench_conv_grad.py",
+                     "bench_conv_impl.py")]
 
 
 @pytest.fixture(scope="module")
 def outputs():
-  """name → its stdout lines. One after another, bench_train.py first: most of their time is compiling the tiny
-  model's train step and chains, which the later scripts then read from the suite's compilation cache (all at once,
-  each compiled them anew: 140 against 100 CPU-s)."""
+  """name → its stdout lines: each Python script's, then accelerator.sh --tiny's (a shell script, its own process)."""
   # One CPU device (conftest asks for 8), the suite's compile flags: this checks that the scripts work, not their
   # speed. PYTHON: the interpreter accelerator.sh runs (this one, whatever the PATH).
   env = dict(one_device_env(), PYTHON=sys.executable)
-  result = {}
-  for name, argv in COMMANDS.items():
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
-    result[name] = proc.stdout.strip().splitlines()
+  proc = subprocess.run([sys.executable, os.path.join("tests", "scripts_worker.py")], input=json.dumps(SCRIPTS),
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+  result, name = {}, None
+  for line in proc.stdout.strip().splitlines():
+    if line.startswith(scripts_worker.MARK):
+      name = os.path.basename(line[len(scripts_worker.MARK):])
+      result[name] = []
+    else:
+      result[name].append(line)
+  assert list(result) == [os.path.basename(argv[0]) for argv in SCRIPTS], list(result)
+  proc = subprocess.run(["bash", os.path.join("benchmarks", "accelerator.sh"), "--tiny"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"accelerator.sh failed:\n{proc.stderr[-3000:]}"
+  result["accelerator.sh"] = proc.stdout.strip().splitlines()
   return result
 
 
