@@ -1,10 +1,9 @@
 """Interrupted at random steps, three times, then resumed: the final state equals an unkilled run's, bit for bit."""
-import os
 import re
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
 
 
 def test_two_kill9s_then_a_sigterm_at_random_steps_with_that_checkpoint_corrupted_still_end_bit_equal(tmp_path):
