@@ -10,6 +10,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from ddpm_jax import paths
+from ddpm_jax import xla_cpu
+
+xla_cpu.apply()  # before anything starts JAX's backend: XLA_FLAGS are read once
 
 FLAGS = flags.FLAGS
 _MODULES = dict(eval="evaluate")  # --mode → ddpm_jax/modes/<module>.py where the names differ

@@ -6,12 +6,15 @@ Reports (a) our chain's time ÷ (steps × one jitted forward at the same batch):
 network, and (b) images/s of ours against DDPMPipeline with the same weights (converted from the diffusers model)
 and the same number of network calls. With --steps=S < 1000 both use a T = S linear schedule from 1e-4 to 0.02, so
 each makes S calls; the paper's chain is --steps=1000. Each round runs our chain, the pipeline, and --forwards single
-forwards of each framework, the order reversed every other round; medians. The last line is the headline.
+forwards of each framework, the order reversed every other round; medians. On a CPU, our chain and forward also
+run compiled with XLA's own choice of YNNPACK ops instead of ddpm_jax/xla_cpu.py's, side by side. The last line is
+the headline.
 """
 import argparse
 
 import common  # pylint: disable=g-bad-import-order  # also puts the repo on sys.path
 
+import jax
 import numpy as np
 import torch
 
@@ -48,19 +51,30 @@ def main():
 
   def forwards(fn):
     return lambda: [fn() for _ in range(args.forwards)]
-  times = common.alternate(dict(ours=chain, diffusers=pipe, forward=forwards(forward),
-                                forward_pt=forwards(forward_pt)), args.repeats)
+  fns = dict(ours=chain, diffusers=pipe, forward=forwards(forward), forward_pt=forwards(forward_pt))
+  if jax.default_backend() == "cpu":
+    fns["ours_xla"], _ = common.ours_chain(ours, params, diffusion, shape, Sampler(), common.XLA_DEFAULT_OPTIONS)
+    fns["forward_xla"] = forwards(common.ours_forward(ours, params, x, compiler_options=common.XLA_DEFAULT_OPTIONS))
+  times = common.alternate(fns, args.repeats)
   med = {k: common.median(v) for k, v in times.items()}
   fwd, fwd_pt = med["forward"] / args.forwards, med["forward_pt"] / args.forwards
   overhead, overhead_pt = med["ours"] / (args.steps * fwd), med["diffusers"] / (args.steps * fwd_pt)
   speedup = med["diffusers"] / med["ours"]
-  common.print_table(
-      ["framework", "chain s (median)", "min–max", "images/s", "one forward s", "chain ÷ (steps × forward)"],
-      [["ddpm-jax (lax.scan)", f"{med['ours']:.2f}", common.spread(times["ours"]),
-        f"{args.batch / med['ours']:.3f}", f"{fwd:.4f}", f"**{overhead:.3f}**"],
-       ["diffusers DDPMPipeline", f"{med['diffusers']:.2f}", common.spread(times["diffusers"]),
-        f"{args.batch / med['diffusers']:.3f}", f"{fwd_pt:.4f}", f"{overhead_pt:.3f}"],
-       ["ours ÷ diffusers (images/s)", "", "", f"**{speedup:.2f}**", f"{fwd_pt / fwd:.2f} (theirs ÷ ours)", ""]])
+  rows = [["ddpm-jax (lax.scan)", f"{med['ours']:.2f}", common.spread(times["ours"]),
+           f"{args.batch / med['ours']:.3f}", f"{fwd:.4f}", f"**{overhead:.3f}**"]]
+  if "ours_xla" in med:
+    fwd_xla = med["forward_xla"] / args.forwards
+    rows.append(["ddpm-jax, XLA's YNNPACK default", f"{med['ours_xla']:.2f}", common.spread(times["ours_xla"]),
+                 f"{args.batch / med['ours_xla']:.3f}", f"{fwd_xla:.4f}",
+                 f"{med['ours_xla'] / (args.steps * fwd_xla):.3f}"])
+  rows += [["diffusers DDPMPipeline", f"{med['diffusers']:.2f}", common.spread(times["diffusers"]),
+            f"{args.batch / med['diffusers']:.3f}", f"{fwd_pt:.4f}", f"{overhead_pt:.3f}"],
+           ["ours ÷ diffusers (images/s)", "", "", f"**{speedup:.2f}**", f"{fwd_pt / fwd:.2f} (theirs ÷ ours)", ""]]
+  if "ours_xla" in med:
+    rows.append(["ours with XLA's default ÷ diffusers", "", "", f"{med['diffusers'] / med['ours_xla']:.2f}",
+                 f"{fwd_pt / fwd_xla:.2f} (theirs ÷ ours)", ""])
+  common.print_table(["framework", "chain s (median)", "min–max", "images/s", "one forward s",
+                      "chain ÷ (steps × forward)"], rows)
   print(f"\nCompile of our chain: {compile_s:.1f} s (not in the chain times).")
   print(f"chain ÷ (steps × forward) = {overhead:.3f} (target ≤ 1.03); sampling throughput ours ÷ DDPMPipeline = "
         f"{speedup:.2f} (target ≥ 1.0; long-run goal ≥ 1.5)")

@@ -7,7 +7,8 @@
 Both sides start from the same weights and do the same work per step: draw t and ε, q_sample, forward with dropout
 0.1, MSE on ε, backward, clip to global norm 1, Adam, EMA. Ours is `train_step.pmapped_train_steps`, the step training
 runs, on one device; theirs is the usual PyTorch loop (manual EMA with torch._foreach_lerp_). Runs alternate, one of
-each per round (plus a float32 matmul that measures this CPU's practical peak); medians after the warm-up. FLOPs
+each per round (plus a float32 matmul that measures this CPU's practical peak, and on a CPU our step compiled with
+XLA's own choice of YNNPACK ops instead of ddpm_jax/xla_cpu.py's); medians after the warm-up. FLOPs
 per step are XLA's cost analysis of our compiled step; both frameworks are credited with the same FLOPs.
 The last line is the headline: diffusers' step time ÷ ours at each batch size (> 1: ours is faster).
 """
@@ -50,12 +51,17 @@ def main():
     step_ours, compile_s, first_ours, flops = common.ours_train_step(ours, params, config, batch_np)
     step_pt, first_pt = common.torch_train_step(theirs, config, batch_np)
     fns = dict(ours=step_ours, diffusers=step_pt, matmul=matmul)
+    if jax.default_backend() == "cpu":  # the same step with XLA's own choice of YNNPACK ops, side by side
+      fns["ours_xla"], compile_xla, first_xla, _ = common.ours_train_step(ours, params, config, batch_np,
+                                                                          common.XLA_DEFAULT_OPTIONS)
     common.alternate(fns, args.warmup)
     times = common.alternate(fns, args.repeats)
     med = {k: common.median(v) for k, v in times.items()}
     peak = matmul_flops / med["matmul"] / 1e9
-    for name, first in (("ddpm-jax", f"{compile_s:.1f} + {first_ours:.2f}"), ("diffusers", f"{first_pt:.2f}")):
-      key = "ours" if name == "ddpm-jax" else "diffusers"
+    names = [("ours", "ddpm-jax", f"{compile_s:.1f} + {first_ours:.2f}")]
+    if "ours_xla" in fns:
+      names.append(("ours_xla", "ddpm-jax, XLA's YNNPACK default", f"{compile_xla:.1f} + {first_xla:.2f}"))
+    for key, name, first in names + [("diffusers", "diffusers", f"{first_pt:.2f}")]:
       gflops = flops / med[key] / 1e9
       rows.append([b, name, f"{med[key]:.3f}", common.spread(times[key]), f"{gflops:.0f}", f"{gflops / peak:.0%}",
                    first])
@@ -63,7 +69,10 @@ def main():
     ratios.append((b, ratio))
     rows.append([b, "diffusers ÷ ours", f"**{ratio:.2f}**", "", f"{flops / 1e9:.1f} GFLOP/step",
                  f"peak {peak:.0f} GFLOP/s", ""])
-    del step_ours, step_pt
+    if "ours_xla" in fns:
+      rows.append([b, "diffusers ÷ ours with XLA's default", f"{med['diffusers'] / med['ours_xla']:.2f}", "", "", "",
+                   ""])
+    del step_ours, step_pt, fns
   common.print_table(["batch", "framework", "s/step (median)", "min–max", "GFLOP/s", "of matmul peak",
                       "first step s (compile + run)"], rows)
   print("\nGFLOP/s: XLA's FLOP count of our step ÷ each median; matmul peak: float32 2048³ jnp.dot, same rounds.")

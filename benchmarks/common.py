@@ -13,6 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position  # imports no JAX
+
+xla_cpu.apply()  # ours compiled as main.py compiles it
+
 # name → (our U-Net fields, image side, channels). 'digits' is the offline demo's (configs/digits.py: grayscale 8×8,
 # 1.1M parameters); 'tiny' is for smoke tests: every kind of block, 0.7M parameters.
 MODELS = {
@@ -20,6 +24,12 @@ MODELS = {
     "digits": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,)), 8, 1),
     "tiny": (dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)), 8, 3),
 }
+
+
+# XLA's own choice of the ops YNNPACK runs (xla_cpu.XLA_DEFAULT) as compiler options: one compile with them beside
+# ours (xla_cpu.FLAG) times what the flag buys, in one process.
+XLA_DEFAULT_OPTIONS = {xla_cpu.OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                                       "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def add_common_flags(parser):
@@ -94,8 +104,9 @@ def flops_of(compiled):
   return cost.get("flops", 0.0)
 
 
-def ours_train_step(model, params, config, batch_np):
-  """(step fn, compile s, first-step s, FLOPs): training's own compiled pmapped step, on one device, state donated.
+def ours_train_step(model, params, config, batch_np, compiler_options=None):
+  """(step fn, compile s, first-step s, FLOPs): training's own compiled pmapped step, on one device, state donated,
+  compiled with XLA's compiler_options (e.g. XLA_DEFAULT_OPTIONS) if given.
 
   step.compiled is the compiled executable (its HLO for profile_train's classes).
 
@@ -116,7 +127,8 @@ def ours_train_step(model, params, config, batch_np):
   diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
   rng = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  compiled = train_step.compiled_train_steps(p_step, holder[0], batches, slots, diffusion, rng)  # as training does
+  compiled = train_step.compiled_train_steps(p_step, holder[0], batches, slots, diffusion, rng,  # as training does
+                                             compiler_options=compiler_options)
   compile_s = time.perf_counter() - t0
 
   def step():
@@ -128,15 +140,17 @@ def ours_train_step(model, params, config, batch_np):
   return step, compile_s, time.perf_counter() - t0, flops_of(compiled)
 
 
-def ours_forward(model, params, batch_np, t=500):
+def ours_forward(model, params, batch_np, t=500, compiler_options=None):
   """One forward of ours at noise level t, as a sampling step calls it (train=False), AOT-compiled.
 
   The returned fn's .compiled is the executable (its HLO for profile_train's classes). batch_np [b, H, W, C].
+  compiler_options: XLA options for this compile, e.g. XLA_DEFAULT_OPTIONS.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   x, t = jnp.asarray(batch_np), jnp.full((batch_np.shape[0],), t, jnp.int32)
-  compiled = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile()
+  compiled = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile(
+      compiler_options=compiler_options)
 
   def forward():
     compiled(params, x, t).block_until_ready()
@@ -144,16 +158,16 @@ def ours_forward(model, params, batch_np, t=500):
   return forward
 
 
-def ours_chain(model, params, diffusion, shape, sampler):
+def ours_chain(model, params, diffusion, shape, sampler, compiler_options=None):
   """(chain fn, compile s): `sampler`'s (ddpm_jax.sampler.Sampler) whole chain, sampling.sample_loop as one
-  AOT-compiled call; the fn runs it and waits."""
+  AOT-compiled call (with XLA's compiler_options, e.g. XLA_DEFAULT_OPTIONS); the fn runs it and waits."""
   import jax  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
   chain = jax.jit(lambda p, rng: sampling.sample_loop(sampling.unet_model_fn(model, p), diffusion, rng, shape,
                                                       **sampler.chain_kwargs()))
   rng = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  compiled = chain.lower(params, rng).compile()
+  compiled = chain.lower(params, rng).compile(compiler_options=compiler_options)
   return lambda: compiled(params, rng).block_until_ready(), time.perf_counter() - t0
 
 

@@ -169,8 +169,9 @@ _COMPILED = collections.OrderedDict()  # (pmapped fn, argument shapes and device
 _COMPILED_KEEP = 4
 
 
-def compiled_train_steps(p_train_steps, *args):
+def compiled_train_steps(p_train_steps, *args, compiler_options=None):
   """p_train_steps (from pmapped_train_steps) compiled ahead of time for the shapes of args; call it with args.
+  compiler_options: XLA options for this compile only (the benchmarks time variants side by side with them).
 
   Compiling before the first step lets the loop log the compile time and the memory XLA planned for the step, and
   hand what the compiler freed back to the OS before the step allocates its buffers: glibc keeps it otherwise,
@@ -181,13 +182,13 @@ def compiled_train_steps(p_train_steps, *args):
   if jax.process_count() > 1:
     return p_train_steps
   leaves, treedef = jax.tree.flatten(args)
-  key = (p_train_steps, treedef,
+  key = (p_train_steps, treedef, tuple(sorted((compiler_options or {}).items())),
          tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None)) for x in leaves))
   if key in _COMPILED:
     _COMPILED.move_to_end(key)
     return _COMPILED[key]
   t0 = time.perf_counter()
-  compiled = p_train_steps.lower(*args).compile()
+  compiled = p_train_steps.lower(*args).compile(compiler_options=compiler_options)
   memory = compiled.memory_analysis()
   if memory is not None:
     logging.info("Compiled the train step in %.1f s; per device XLA plans %.2f GiB of temporary buffers beside "

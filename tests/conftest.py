@@ -5,6 +5,8 @@ import os
 import re
 import shlex
 
+from ddpm_jax import xla_cpu  # imports nothing of JAX
+
 # XLA flags for the programs the tests compile (the suite's time is mostly compiling tiny programs once each): no LLVM
 # optimisation, and XLA:CPU's older elemental emitters for fused ops instead of its MLIR fusion emitters. Each about
 # halves a compile (the tiny U-Net's train step: 7.6 → 3.3 CPU-s for the emitters alone, gradients bit-identical). The
@@ -15,8 +17,9 @@ UNOPTIMISED_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expens
 
 
 def xla_flags(devices):
-  """XLA_FLAGS for a process of the suite: UNOPTIMISED_XLA on `devices` virtual CPU devices."""
-  return f"{UNOPTIMISED_XLA} --xla_force_host_platform_device_count={devices}"
+  """XLA_FLAGS for a process of the suite: UNOPTIMISED_XLA on `devices` virtual CPU devices, and XLA's own YNNPACK
+  fusions, so that main.py's processes and the suite's own computations compile alike (ddpm_jax/xla_cpu.py)."""
+  return f"{UNOPTIMISED_XLA} {xla_cpu.XLA_DEFAULT} --xla_force_host_platform_device_count={devices}"
 
 
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()

@@ -49,6 +49,7 @@ def test_bench_train_quick(outputs):
   m = re.fullmatch(r"train step diffusers ÷ ours: (\d+\.\d+) at batch 2 \(target ≥ 1\.0; long-run goal ≥ 1\.3\)",
                    lines[-1])
   assert m and float(m.group(1)) > 0, lines[-1]
+  assert any("ddpm-jax, XLA's YNNPACK default" in row for row in lines), lines  # timed beside ours on a CPU
   flops = re.search(r"(\d+\.\d+) GFLOP/step", "\n".join(lines))
   assert flops and float(flops.group(1)) > 0  # XLA's cost analysis gave a FLOP count
 
@@ -58,6 +59,11 @@ def test_bench_sample_quick(outputs):
   m = re.fullmatch(r"chain ÷ \(steps × forward\) = (\d+\.\d+) \(target ≤ 1\.03\); sampling throughput ours ÷ "
                    r"DDPMPipeline = (\d+\.\d+) \(target ≥ 1\.0; long-run goal ≥ 1\.5\)", lines[-1])
   assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, lines[-1]
+  # On a CPU the chain also ran with XLA's own choice of YNNPACK ops, side by side: its own rows, real numbers.
+  xla = {row.split("|")[1].strip(): row.split("|")[2:-1] for row in lines if "XLA's" in row}
+  assert set(xla) == {"ddpm-jax, XLA's YNNPACK default", "ours with XLA's default ÷ diffusers"}, lines
+  assert float(xla["ddpm-jax, XLA's YNNPACK default"][0]) > 0
+  assert float(xla["ours with XLA's default ÷ diffusers"][2]) > 0
 
 
 def test_bench_memory_quick(outputs):
