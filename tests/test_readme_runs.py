@@ -138,6 +138,8 @@ def test_the_readme_setup_trains_the_demo_then_resumes_and_every_offline_doc_com
     digits = json.load(f)["digits"]  # the demo's own numbers: FID against its floor, and readable samples
   assert digits["num_samples"] == 8 and 0 <= digits["confident_share"] <= 1 and digits["classifier_accuracy"] > 0.9
   assert sum(digits["predicted_counts"]) == 8 and digits["floor_fid"] > 0
+  # No real digit is a near-copy of another, so a model's copies would stand out.
+  assert digits["real_copy_share"] == 0.0 and 0 <= digits["copy_share"] <= 1
   assert glob.glob(str(workdir / "eval" / "sweep_step_00000006.json"))
   for task in ("inpaint_half_5_j2x2", "sdedit_0.5_5"):  # docs/editing.md's two commands
     edited = np.load(workdir / "edit" / f"step_00000006_{task}" / "edited.npz")

@@ -101,9 +101,13 @@ def demo_report(samples, fid_value, feature_fn, batch_size, ref_mu, ref_sigma, *
   class-conditional model (labels: the digit asked for of each sample), also the share read as that digit.
 
   The floor is the FID of N real digits (real_subset, at the samples' size) against the same reference: what a
-  perfect model scores with so few samples, FID being biased upwards at small N.
+  perfect model scores with so few samples, FID being biased upwards at small N. The reference is the training set
+  itself, so copies of training digits would score well: the share of samples that are copies (memorization.py) is
+  reported beside the same share among the real digits.
   """
   from ddpm_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.evaluation import memorization  # pylint: disable=g-import-not-at-top
+  all_real = real_digits(samples.shape[1])
   real = real_subset(len(samples), seed, samples.shape[1])
   floor = fid.fid_from_features(fid.compute_features(feature_fn, [real], batch_size)["pool_3"], ref_mu, ref_sigma)
   classifier, accuracy = fit_classifier(seed)
@@ -111,7 +115,9 @@ def demo_report(samples, fid_value, feature_fn, batch_size, ref_mu, ref_sigma, *
   report = dict(num_samples=len(samples), fid=fid_value, floor_fid=floor, fid_over_floor=fid_value / floor,
                 confident_share=confident_share(classifier, samples),
                 real_confident_share=confident_share(classifier, real),
-                classifier_accuracy=accuracy, predicted_counts=np.bincount(predicted, minlength=10).tolist())
+                classifier_accuracy=accuracy, predicted_counts=np.bincount(predicted, minlength=10).tolist(),
+                copy_share=memorization.copy_share(samples, all_real),
+                real_copy_share=memorization.copy_share(all_real, all_real, leave_one_out=True))
   if labels is not None:
     report["label_share"] = float(np.mean(predicted == np.asarray(labels)))
   return report
@@ -129,6 +135,8 @@ def report_lines(r):
       f"| read as a digit with p ≥ 0.9 | {r['confident_share']:.1%} | {r['real_confident_share']:.1%} | ≥ "
       f"{CONFIDENT_TARGET:.0%} | {met(r['confident_share'] >= CONFIDENT_TARGET)} |",
       f"| classifier's held-out accuracy | | {r['classifier_accuracy']:.1%} | | |",
+      f"| copies of a training digit (nearest ≥ 3× closer than the next) | {r['copy_share']:.1%} | "
+      f"{r['real_copy_share']:.1%} (each against the others) | | |",
       f"| samples per predicted digit 0-9 | {r['predicted_counts']} | | | |",
   ] + ([f"| read as the digit asked for (conditional) | {r['label_share']:.1%} | "
         f"{r['classifier_accuracy']:.1%} (held out) | ≥ {LABEL_TARGET:.0%} | {met(r['label_share'] >= LABEL_TARGET)} |"]
