@@ -53,6 +53,8 @@ OURS = {
                                                        spacing="linspace")),
     "dpm3": ("DPM-Solver++ 3M", dict(method="dpm_solver++", order=3, clip_denoised=False)),
     "sde2": ("SDE-DPM-Solver++ 2M", dict(method="sde_dpm_solver++", order=2, clip_denoised=False)),
+    "sde2_linspace": ("SDE-DPM-Solver++ 2M linspace", dict(method="sde_dpm_solver++", order=2, clip_denoised=False,
+                                                           spacing="linspace")),
     "unipc2": ("UniPC-2 bh2", dict(method="unipc", order=2, clip_denoised=False)),
     "unipc3": ("UniPC-3 bh2", dict(method="unipc", order=3, clip_denoised=False)),
 }
