@@ -28,8 +28,7 @@ MODELS = {
 
 # XLA's own choice of the ops YNNPACK runs (xla_cpu.XLA_DEFAULT) as compiler options: one compile with them beside
 # ours (xla_cpu.FLAG) times what the flag buys, in one process.
-XLA_DEFAULT_OPTIONS = {xla_cpu.OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-                                       "LIBRARY_FUSION_TYPE_REDUCE"}
+XLA_DEFAULT_OPTIONS = xla_cpu.compiler_options(xla_cpu.XLA_DEFAULT)
 
 
 def add_common_flags(parser):

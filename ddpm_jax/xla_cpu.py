@@ -21,6 +21,12 @@ XLA_DEFAULT = f"--{OPTION}=individual_convolution,individual_dot,reduce"  # jaxl
 MEASURED_ON = ("0.10.",)  # jaxlib release series the flag was measured on
 
 
+def compiler_options(flag):
+  """A FLAG-style `--OPTION=a,b` as the compiler options of one compile: {OPTION: 'LIBRARY_FUSION_TYPE_A,…'}."""
+  names = flag.split("=", 1)[1].split(",")
+  return {OPTION: ",".join(f"LIBRARY_FUSION_TYPE_{name.upper()}" for name in names)}
+
+
 def tuned(xla_flags, jaxlib_version):
   """xla_flags with FLAG added, unless they already set OPTION or jaxlib_version is not one it was measured on."""
   if OPTION in xla_flags or not jaxlib_version.startswith(MEASURED_ON):
