@@ -2,6 +2,7 @@
 same weights, the same held-out digits and the same masks, judged by the demo's classifier of the real digits.
 
   python benchmarks/bench_inpainting.py --workdir=runs/digits [--num=200 --mask=half --steps=250 --jumps=10]
+  python benchmarks/bench_inpainting.py --tiny   # a 2-step model trained here, 8 digits, 4 steps: the logic only
 
 The digits are the classifier's held-out ones (evaluation/digits_quality.py), so its reading of an inpainted digit
 is not a memory of the original. Printed per side: the share of inpainted digits read as the original digit, the
@@ -93,9 +94,15 @@ def main(argv=None):
   parser.add_argument("--eta", type=float, default=1.0, help="diffusers' RePaint η (1: σ² = β̃, DDPM-like)")
   parser.add_argument("--no_diffusers", action="store_true")
   parser.add_argument("--out", default="", help="write the numbers to OUT.json and a sheet of 16 digits to OUT.png")
+  parser.add_argument("--tiny", action="store_true", help="a 2-step model trained here, 8 digits, 4 steps, 2 jumps")
   args = parser.parse_args(argv)
 
-  config = bench_fast_samplers.load_config(args.config)
+  if args.tiny:
+    tmp = tempfile.TemporaryDirectory(prefix="bench_inpainting_")
+    config, args.workdir = bench_fast_samplers.tiny_run(tmp.name, fid_reference=False)
+    args.num, args.batch, args.steps, args.jumps, args.jump_length = 8, 8, 4, 2, 2
+  else:
+    config = bench_fast_samplers.load_config(args.config)
   config.edit.num_steps, config.edit.jumps, config.edit.jump_length = args.steps, args.jumps, args.jump_length
   config.sampling.batch_size = args.batch
   model, params, step = trained_params.load(config, args.workdir)

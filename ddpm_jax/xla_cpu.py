@@ -7,7 +7,7 @@ convolutions and matmul fusions (a matmul with the reshapes beside it), and leav
 `--xla_cpu_experimental_ynn_fusion_type=individual_convolution,dot`. Measured side by side on 2 CPU cores
 (docs/performance.md): the digits U-Net's forward pass at batch 256, what every sampler runs, 1.75× faster; its
 train step 1.09×; the CIFAR-10 U-Net's forward at batch 8 about 1.05×. Outputs and gradients agree with XLA's
-default to float rounding (tests/test_unet.py). TPUs and GPUs ignore the flag.
+default to float rounding (tests/test_xla_cpu.py). TPUs and GPUs ignore the flag.
 
 main.py and the benchmarks call `apply` before JAX starts its backend. The option is experimental in XLA, so it is
 added only on the jaxlib releases it was measured on, and never over a setting of it already in XLA_FLAGS (the test

@@ -50,9 +50,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # quick files fill in behind them on whichever worker is free.
 SLOW_FILES = ("test_readme_runs.py", "test_reliability.py", "test_train.py", "test_multihost.py",
               "test_sampler_sweep.py", "test_unet.py", "test_benchmarks.py", "test_bench_fast_samplers.py",
-              "test_conditioning.py", "test_samplers.py", "test_fault_injection.py", "test_distill_mode.py",
-              "test_edit_mode.py", "test_sampling.py", "test_pretrained.py", "test_docs.py", "test_inception.py",
-              "test_notebooks.py", "test_evaluate.py", "test_progress.py", "test_unet_parity.py", "test_editing.py")
+              "test_bench_inpainting.py", "test_conditioning.py", "test_samplers.py", "test_fault_injection.py",
+              "test_distill_mode.py", "test_edit_mode.py", "test_sampling.py", "test_pretrained.py", "test_docs.py",
+              "test_inception.py", "test_notebooks.py", "test_evaluate.py", "test_progress.py", "test_unet_parity.py",
+              "test_editing.py")
 
 
 def pytest_configure(config):
