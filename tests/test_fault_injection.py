@@ -23,3 +23,18 @@ def test_two_kill9s_then_a_sigterm_at_random_steps_with_that_checkpoint_corrupte
   truncated = re.search(r"checkpoint (\d+) truncated", kills[2])
   assert truncated and resumed[2] < int(truncated.group(1)), kills  # the SIGTERM's save, passed over
   assert "kills survived / kills tried: 3 / 3" in out.stdout and "final params equal: True" in out.stdout
+
+
+def test_a_kill9_and_a_sigterm_in_different_distillation_rounds_still_end_bit_equal(tmp_path):
+  """--mode=distill killed for real: rounds 4 → 2 and 2 → 1 of 8 steps each, a checkpoint every 3. Seed 16 stops the
+  first run after 7 steps (kill -9 in round 4 → 2, which resumes from its step 3 or 6) and the rerun 9 steps on
+  (SIGTERM in round 2 → 1, whichever checkpoint of round 4 → 2 it resumed from); the last rerun skips the finished
+  round and completes the other, and both students equal an unkilled run's, bit for bit."""
+  out = subprocess.run([sys.executable, "benchmarks/fault_injection.py", "--mode=distill", "--kills=2",
+                        "--signal=KILL,TERM", "--steps=8", "--seed=16", f"--workdir={tmp_path}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  kills = [line for line in out.stdout.splitlines() if line.startswith("kill ")]
+  assert len(kills) == 2 and "signal KILL" in kills[0] and "signal TERM" in kills[1], kills
+  assert " of distill/2;" in kills[0] and " of distill/1;" in kills[1], kills  # one kill in each round
+  assert "kills survived / kills tried: 2 / 2" in out.stdout and "final params equal: True" in out.stdout
