@@ -116,6 +116,9 @@ def get_config():
   distill.end_steps = 4  # The last student's steps; start_steps must be end_steps times a power of two.
   distill.steps_per_round = 50_000  # Train steps per round (paper, CIFAR-10: 50k at batch 128).
   distill.lr = 1e-4  # Adam's learning rate in each round (after optim.warmup_steps; the rest of config.optim).
+  # The students' EMA, which starts at the teacher's params: a horizon of 10,000 steps, a fifth of a round, leaves
+  # e^-5 ≈ 0.7% of that start at the round's end.
+  distill.ema_decay = 0.9999
   distill.parameterization = "v"  # The students' output: 'v' (paper), 'x' or 'eps' (unstable at few steps).
 
   # --mode=edit (docs/editing.md): inpainting (RePaint, Lugmayr et al. 2022) or SDEdit (Meng et al. 2022) with the

@@ -216,6 +216,7 @@ def field_rules():
       "distill.end_steps": integer(1),
       "distill.steps_per_round": integer(1),
       "distill.lr": number(0, lo_open=True),
+      "distill.ema_decay": number(0, 1, hi_open=True, meaning="0 = no averaging"),
       "distill.parameterization": one_of(("v", "x", "eps")),
       "edit.task": one_of(("inpaint", "sdedit")),
       "edit.inputs": text(),

@@ -52,11 +52,15 @@ def round_steps(start_steps, end_steps):
 
 
 def round_config(config):
-  """The training config of one round: distill's length and learning rate; no sample grids or FID on the way (the
-  paper's chain is not the student's sampler)."""
+  """The training config of one round: distill's length, learning rate and EMA decay; no sample grids or FID on the
+  way (the paper's chain is not the student's sampler)."""
   c = copy.deepcopy(config)
   c.training.num_train_steps = config.distill.steps_per_round
   c.optim.lr = config.distill.lr
+  # The student is sampled from its EMA, which starts at the teacher's params: training's decay, sized to its own
+  # run, can leave most of the EMA at that start after a short round (0.9995 over 1,000 steps: 61%).
+  with c.ignore_type():  # a decay of 0 (no averaging) may have been given as the integer 0
+    c.optim.ema_decay = config.distill.ema_decay
   c.training.sample_every_steps = 0
   c.training.fid_every_steps = 0
   return c

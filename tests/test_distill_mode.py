@@ -23,6 +23,7 @@ def distill_config():
   config = tiny_config(num_train_steps=2)
   config.distill.start_steps, config.distill.end_steps = 4, 1  # rounds 4 → 2 and 2 → 1
   config.distill.steps_per_round, config.distill.lr = 2, 1e-3
+  config.distill.ema_decay = 0.0  # no averaging, so that the test can see it is this decay, not optim's, that applies
   config.training.checkpoint_every_steps = 1
   return config
 
@@ -36,6 +37,10 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   assert sorted(students) == [1, 2] and all(int(s.step) == 2 for s in students.values())
   assert sorted(os.listdir(tmp_path / "distill")) == ["1", "2"]
   assert "Round 4 → 2 steps" in caplog.text and "Round 2 → 1 steps" in caplog.text
+  # The students' EMA decay is distill.ema_decay (0: the EMA params are the params), not training's 0.999.
+  assert config.optim.ema_decay == 0.999
+  for s in students.values():
+    assert_trees_equal(s.ema_params, s.params)
   # Each student moved away from the params it started from (its teacher's EMA params).
   for before, after in ((teacher.ema_params, students[2].params), (students[2].ema_params, students[1].params)):
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
