@@ -250,6 +250,7 @@ def goal_lines(rows, budgets, time_at, reference_fid, T):
 
 
 def plot(rows, budgets, reference_fid, T, title):
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(9, 5.5), dpi=100)
   ax = fig.add_subplot(1, 1, 1)
@@ -261,6 +262,9 @@ def plot(rows, budgets, reference_fid, T, title):
   ax.set_yscale("log")
   ax.set_xticks(budgets)
   ax.set_xticklabels([str(b) for b in budgets])
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # the budgets only, not log-axis labels such as 6×10⁰
+  ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+  ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
   ax.set_xlabel("network passes per sample")
   ax.set_ylabel("FID")
   ax.set_title(title)
