@@ -19,7 +19,9 @@ Parameterisations of a network output as x̂ (PARAMETERIZATIONS): 'eps' (the DDP
 """
 import copy
 import dataclasses
+import functools
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,37 +174,61 @@ def round_points(full_grid, steps):
   return student_grid(full_grid, steps), np.concatenate([[-1], teacher[1::2]]).astype(np.int32)
 
 
+class RoundArgs(NamedTuple):
+  """RoundLoss's objective_args: everything that changes from round to round, as arrays of one shape in every round
+  of a distillation, so that its rounds share one compiled train step (a compile per round cost minutes on CPU)."""
+  teacher_params: Any
+  teacher_parameterization: Any  # int32 []: the teacher's index in PARAMETERIZATIONS
+  points: Any  # int32 [len(full_grid)]: round_points' student points, then −1 padding that no example draws
+  midpoints: Any  # int32 [len(full_grid)]: round_points' teacher midpoints, padded alike
+  steps: Any  # int32 []: the student's number of steps (the points' unpadded length − 1)
+
+
+def round_args(teacher_params, teacher_parameterization, full_grid, steps):
+  """The RoundArgs of the round that distills 2·steps teacher steps on `full_grid` into `steps`."""
+  def padded(a):
+    return np.pad(a, (0, len(full_grid) - len(a)), constant_values=-1).astype(np.int32)
+  points, midpoints = round_points(full_grid, steps)
+  return RoundArgs(teacher_params, np.int32(PARAMETERIZATIONS.index(teacher_parameterization)), padded(points),
+                   padded(midpoints), np.int32(steps))
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundLoss:
-  """train_step's objective for one round: objective_args = (teacher params, points, midpoints) (`round_points`).
+  """train_step's objective for one round: objective_args is the round's RoundArgs (`round_args`).
 
   Each example draws its student step i ∈ 1..n and its noise from its own key (as the paper's loss draws t and ε),
   is noised to points[i] and is trained toward the teacher's two-step target with the truncated-SNR weight. The
   teacher runs in inference mode (no dropout); the student in training mode. Hashable, so that
-  train_step.pmapped_train_steps caches one compiled step per kind of round. A class-conditional model's student
-  and teacher see the same labels, dropped to null as in training, so the student also learns the teacher's
+  train_step.pmapped_train_steps caches one compiled step for all the rounds of a distillation: what differs between
+  rounds (the teacher, its parameterization, the points) is an argument. A class-conditional model's student and
+  teacher see the same labels, dropped to null as in training, so the student also learns the teacher's
   unconditional steps (guided sampling of the student needs them).
   """
   student: str = "v"  # the student's parameterization (PARAMETERIZATIONS)
-  teacher: str = "eps"  # the teacher's: the trained DDPM's in round 1, then the student's of the round before
   clip_teacher: bool = True  # clip the teacher's x̂ to [−1, 1], as the sampling chains do
 
   def __call__(self, model, params, batch, example_keys, dropout_rng, diffusion, objective_args):
-    teacher_params, points, midpoints = objective_args
+    args = objective_args
     images, labels = train_step.split_batch(batch)
     labels = train_step.dropped_labels(model, labels, example_keys)
-    n = points.shape[0] - 1
-    step_index = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 1, n + 1))(example_keys)
+    step_index = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 1, args.steps + 1))(
+        example_keys)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), images.shape[1:], images.dtype))(
         example_keys)
 
-    def x0_of(network_params, parameterization, clip, **apply_kwargs):
+    def x0_of(network_params, as_x0, clip, **apply_kwargs):
       def x0(z, t):
         out = model.apply({"params": network_params}, z, t, labels=labels, **apply_kwargs)
-        x = to_x0(out, z, *alpha_sigma(diffusion, t), parameterization)
+        x = as_x0(out, z, *alpha_sigma(diffusion, t))
         return jnp.clip(x, -1.0, 1.0) if clip else x
       return x0
 
-    teacher = x0_of(teacher_params, self.teacher, self.clip_teacher, train=False)
-    student = x0_of(params, self.student, False, train=True, rngs={"dropout": dropout_rng})
-    return jnp.mean(losses(student, teacher, diffusion, images, noise, step_index, points, midpoints))
+    def teacher_as_x0(out, z, alpha, sigma):  # the parameterization is an argument: one branch runs
+      branches = [functools.partial(to_x0, parameterization=p) for p in PARAMETERIZATIONS]
+      return jax.lax.switch(args.teacher_parameterization, branches, out, z, alpha, sigma)
+
+    teacher = x0_of(args.teacher_params, teacher_as_x0, self.clip_teacher, train=False)
+    student = x0_of(params, functools.partial(to_x0, parameterization=self.student), False, train=True,
+                    rngs={"dropout": dropout_rng})
+    return jnp.mean(losses(student, teacher, diffusion, images, noise, step_index, args.points, args.midpoints))

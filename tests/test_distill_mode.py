@@ -32,9 +32,12 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   config = distill_config()
   config_checks.validate(config, "distill")
   teacher = train.train_and_evaluate(config, str(tmp_path))
+  compiled_before = set(train_step._COMPILED)  # pylint: disable=protected-access
   with caplog.at_level("INFO"):
     students = distill.run(config, str(tmp_path))
   assert sorted(students) == [1, 2] and all(int(s.step) == 2 for s in students.values())
+  # One compiled step for both rounds, although their teachers' parameterizations and points differ.
+  assert len(set(train_step._COMPILED) - compiled_before) == 1  # pylint: disable=protected-access
   assert sorted(os.listdir(tmp_path / "distill")) == ["1", "2"]
   assert "Round 4 → 2 steps" in caplog.text and "Round 2 → 1 steps" in caplog.text
   # The students' EMA decay is distill.ema_decay (0: the EMA params are the params), not training's 0.999.

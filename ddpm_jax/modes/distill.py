@@ -32,17 +32,18 @@ def run(config, workdir):
   logging.info("Distilling the EMA params of step %d: %d-step DDIM, then students of %s steps.", step,
                d.start_steps, ", ".join(map(str, schedule)))
   teacher_parameterization = _TEACHER_PARAMETERIZATION[diffusion.model_mean_type]
+  objective = distillation.RoundLoss(student=d.parameterization, clip_teacher=bool(config.sampling.clip_denoised))
+  # Host copies: every round passes its teacher alike (uncommitted, as Orbax restores them), so that the rounds'
+  # arguments match and one compiled step serves them all.
+  teacher = jax.device_get(teacher)
   students = {}
   for steps in schedule:
-    objective = distillation.RoundLoss(student=d.parameterization, teacher=teacher_parameterization,
-                                       clip_teacher=bool(config.sampling.clip_denoised))
-    points, midpoints = distillation.round_points(full_grid, steps)
+    round_args = distillation.round_args(teacher, teacher_parameterization, full_grid, steps)
     logging.info("Round %d → %d steps in %s", 2 * steps, steps, distillation.round_dir(workdir, steps))
-    state = train.train_and_evaluate(distillation.round_config(config), distillation.round_dir(workdir, steps), init_params=teacher,
-                                     objective=objective, objective_args=(teacher, points, midpoints))
+    state = train.train_and_evaluate(distillation.round_config(config), distillation.round_dir(workdir, steps),
+                                     init_params=teacher, objective=objective, objective_args=round_args)
     students[steps] = state
     if int(state.step) < d.steps_per_round:  # stopped on request (SIGTERM): the rerun resumes this round
       break
-    # Host copies: the compiled round step takes its broadcast arguments uncommitted (as Orbax restores them).
     teacher, teacher_parameterization = jax.device_get(state.ema_params), d.parameterization
   return students
