@@ -19,7 +19,8 @@ def test_bench_inpainting_tiny(tmp_path):
   proc = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_inpainting.py"), "--tiny", f"--out={out}"],
                         cwd=REPO, env=one_device_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = proc.stdout.strip().splitlines()
+  first_table, second_table = proc.stdout.strip().split("\n\n")
+  lines = first_table.splitlines()
   assert re.match(r"Inpainting 8 held-out digits \('half' mask\), checkpoint step 2 of .*RePaint over 4 steps, "
                   r"jumps 2 × length 2; the classifier's held-out accuracy \d+\.\d%\.", lines[0]), lines[0]
   rows = {c[0]: c[1:] for c in ([x.strip() for x in l.split("|")[1:-1]] for l in lines if l.startswith("| ")
@@ -40,3 +41,14 @@ def test_bench_inpainting_tiny(tmp_path):
   share, rms, _ = saved["rows"]["ddpm-jax inpaint"]  # the printed cells, rounded
   assert f"{share:.1%}" == rows["ddpm-jax inpaint"][0] and f"{rms:.1f}" == rows["ddpm-jax inpaint"][1]
   assert os.path.getsize(f"{out}.png") > 500  # the sheet: originals, masked inputs, ours, theirs
+
+  # What the known pixels alone say: classifiers trained on masked digits read the masked inputs at least as well as
+  # the classifier of whole digits does (it takes the blank lower halves for ink that is missing).
+  known = {c[0]: c[1:] for c in ([x.strip() for x in l.split("|")[1:-1]] for l in second_table.splitlines()
+                                 if l.startswith("| ") and not l.startswith("| classifier"))}
+  assert list(known) == ["logistic regression", "5 nearest neighbours"], known
+  for accuracy, mean_p in known.values():
+    assert 0 <= float(mean_p.rstrip("%")) <= 100
+    assert float(accuracy.rstrip("%")) >= float(rows["masked inputs"][0].rstrip("%"))
+  assert saved["known_pixels_alone"]["logistic regression"][0] == pytest.approx(
+      float(known["logistic regression"][0].rstrip("%")) / 100, abs=5e-4)
