@@ -82,6 +82,11 @@ def scores(classifier, edited, originals, labels, masks):
   return float(np.mean(digits_quality.predicted_labels(classifier, edited) == labels)), rms
 
 
+def blank(digits, masks):
+  """The digits with their unknown pixels (mask < 0.5) set to 0, the digits' background."""
+  return np.where(masks > 0.5, digits, 0).astype(np.uint8)
+
+
 def known_pixels_alone(blanked, labels, mask_spec, seed):
   """How much of the label the known pixels alone hold: {classifier: (accuracy, mean probability of the true label)}
   of classifiers trained on the classifier's training digits masked alike, reading the masked held-out inputs.
@@ -95,7 +100,7 @@ def known_pixels_alone(blanked, labels, mask_spec, seed):
   train, _ = digits_quality.split(seed)
   train_digits = digits_quality.real_digits(blanked.shape[1])[train]
   train_masks = masks_lib.from_spec(mask_spec, len(train), *blanked.shape[1:3], seed=seed + 1)
-  x = digits_quality.to_features(np.where(train_masks > 0.5, train_digits, 0).astype(np.uint8))
+  x = digits_quality.to_features(blank(train_digits, train_masks))
   y = digits_quality.labels()[train]
   out = {}
   for name, classifier in (("logistic regression", LogisticRegression(C=digits_quality.C, max_iter=10_000)),
@@ -134,7 +139,7 @@ def main(argv=None):
   originals, labels = held_out_digits(args.num, config.data.image_size, config.seed)
   masks = masks_lib.from_spec(args.mask, args.num, *originals.shape[1:3], seed=config.seed)
   classifier, accuracy = digits_quality.fit_classifier(config.seed)
-  blanked = np.where(masks > 0.5, originals, 0).astype(np.uint8)
+  blanked = blank(originals, masks)
   rows = {"originals": (float(np.mean(digits_quality.predicted_labels(classifier, originals) == labels)), 0.0, None),
           "masked inputs": (*scores(classifier, blanked, originals, labels, masks), None)}
   edited, seconds = ours(model, params, diffusion, originals, masks, config)
@@ -162,7 +167,8 @@ def main(argv=None):
     print(f"| {name} | {accuracy_known:.1%} | {mean_p:.1%} |")
   if args.out:
     with open(f"{args.out}.json", "w", encoding="utf-8") as f:
-      json.dump(dict(vars(args), step=step, classifier_accuracy=accuracy, rows=rows, known_pixels_alone=bound), f, indent=2)
+      json.dump(dict(vars(args), step=step, classifier_accuracy=accuracy, rows=rows, known_pixels_alone=bound), f,
+                indent=2)
     # Rows: the originals, the masked inputs (unknown pixels grey), ours, diffusers'.
     sheet = images.make_grid(np.concatenate(bands), ncols=min(16, args.num))
     images.save_png(f"{args.out}.png", sheet, upscale=max(1, 768 // sheet.shape[1]))
