@@ -115,6 +115,9 @@ def get_config():
   distill.start_steps = 512  # The first teacher: the trained model with this many DDIM steps ('trailing' timesteps).
   distill.end_steps = 4  # The last student's steps; start_steps must be end_steps times a power of two.
   distill.steps_per_round = 50_000  # Train steps per round (paper, CIFAR-10: 50k at batch 128).
+  # Train steps of the first round (ε-teacher → v-student, where most quality is lost); 0 = steps_per_round. Its EMA
+  # decay is ema_decay ** (steps_per_round / first_round_steps): the same share of the teacher left at its end.
+  distill.first_round_steps = 0
   distill.lr = 1e-4  # Adam's learning rate in each round (after optim.warmup_steps; the rest of config.optim).
   # The students' EMA, which starts at the teacher's params: a horizon of 10,000 steps, a fifth of a round, leaves
   # e^-5 ≈ 0.7% of that start at the round's end.

@@ -215,6 +215,7 @@ def field_rules():
       "distill.start_steps": integer(2),
       "distill.end_steps": integer(1),
       "distill.steps_per_round": integer(1),
+      "distill.first_round_steps": integer(0, meaning="0 = distill.steps_per_round"),
       "distill.lr": number(0, lo_open=True),
       "distill.ema_decay": number(0, 1, hi_open=True, meaning="0 = no averaging"),
       "distill.parameterization": one_of(("v", "x", "eps")),
@@ -430,7 +431,7 @@ def _check_distill(config):
   if d.start_steps > config.diffusion.num_timesteps:
     _fail("distill.start_steps", d.start_steps, f"more than the diffusion's T = {config.diffusion.num_timesteps}",
           f"at most {config.diffusion.num_timesteps}")
-  return _check_train(distillation.round_config(config))
+  return _check_train(distillation.round_config(config, d.start_steps // 2))
 
 
 def _check_edit(config):

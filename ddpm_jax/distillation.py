@@ -53,16 +53,27 @@ def round_steps(start_steps, end_steps):
   return [start_steps >> k for k in range(1, ratio.bit_length())]
 
 
-def round_config(config):
-  """The training config of one round: distill's length, learning rate and EMA decay; no sample grids or FID on the
-  way (the paper's chain is not the student's sampler)."""
+def round_train_steps(config, steps):
+  """Train steps of the round whose student takes `steps` steps: distill.first_round_steps for the first round (the
+  one that turns the trained ε- or x-network into a v-student, where most of the quality is lost; 0 = like the others),
+  distill.steps_per_round for every other."""
+  d = config.distill
+  first = steps == d.start_steps // 2 and d.first_round_steps
+  return d.first_round_steps if first else d.steps_per_round
+
+
+def round_config(config, steps):
+  """The training config of the round whose student takes `steps` steps: its length, distill's learning rate and
+  EMA decay; no sample grids or FID on the way (the paper's chain is not the student's sampler)."""
   c = copy.deepcopy(config)
-  c.training.num_train_steps = config.distill.steps_per_round
+  c.training.num_train_steps = round_train_steps(config, steps)
   c.optim.lr = config.distill.lr
   # The student is sampled from its EMA, which starts at the teacher's params: training's decay, sized to its own
-  # run, can leave most of the EMA at that start after a short round (0.9995 over 1,000 steps: 61%).
+  # run, can leave most of the EMA at that start after a short round (0.9995 over 1,000 steps: 61%). distill.ema_decay
+  # is sized to steps_per_round; a round of another length gets the decay that leaves the same share of the start.
+  decay = config.distill.ema_decay ** (config.distill.steps_per_round / c.training.num_train_steps)
   with c.ignore_type():  # a decay of 0 (no averaging) may have been given as the integer 0
-    c.optim.ema_decay = config.distill.ema_decay
+    c.optim.ema_decay = decay
   c.training.sample_every_steps = 0
   c.training.fid_every_steps = 0
   return c

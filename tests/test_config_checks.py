@@ -27,6 +27,7 @@ MEANINGFUL = {
     "optim.beta2": (0,),  # Adam whose second moment is the last gradient's alone
     "optim.ema_decay": (0,),  # no averaging: the EMA params are the params
     "distill.ema_decay": (0,),  # the same for the distilled students
+    "distill.first_round_steps": (0,),  # the first round as long as the others
     "training.log_every_steps": (0,),  # metrics only with each checkpoint
     "training.checkpoint_every_steps": (0,),  # checkpoints only at the end and on preemption
     "training.sample_every_steps": (0,),  # no sample grids

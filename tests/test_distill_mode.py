@@ -23,6 +23,7 @@ def distill_config():
   config = tiny_config(num_train_steps=2)
   config.distill.start_steps, config.distill.end_steps = 4, 1  # rounds 4 → 2 and 2 → 1
   config.distill.steps_per_round, config.distill.lr = 2, 1e-3
+  config.distill.first_round_steps = 3  # the first round (4 → 2) longer than the others
   config.distill.ema_decay = 0.0  # no averaging, so that the test can see it is this decay, not optim's, that applies
   config.training.checkpoint_every_steps = 1
   return config
@@ -35,7 +36,7 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   compiled_before = set(train_step._COMPILED)  # pylint: disable=protected-access
   with caplog.at_level("INFO"):
     students = distill.run(config, str(tmp_path))
-  assert sorted(students) == [1, 2] and all(int(s.step) == 2 for s in students.values())
+  assert sorted(students) == [1, 2] and int(students[2].step) == 3 and int(students[1].step) == 2
   # One compiled step for both rounds, although their teachers' parameterizations and points differ.
   assert len(set(train_step._COMPILED) - compiled_before) == 1  # pylint: disable=protected-access
   assert sorted(os.listdir(tmp_path / "distill")) == ["1", "2"]
@@ -51,11 +52,11 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
 
   # Lose round 2→1 and the last step of round 4→2, then rerun: the same students, bit for bit.
   shutil.rmtree(tmp_path / "distill" / "1")
-  shutil.rmtree(tmp_path / "distill" / "2" / "checkpoints" / "2")
+  shutil.rmtree(tmp_path / "distill" / "2" / "checkpoints" / "3")
   caplog.clear()
   with caplog.at_level("INFO"):
     again = distill.run(config, str(tmp_path))
-  assert "Starting at step 1 of 2" in caplog.text  # round 4→2 resumed from its step-1 checkpoint
+  assert "Starting at step 2 of 3" in caplog.text  # round 4→2 resumed from its step-2 checkpoint
   for steps in (1, 2):
     assert_trees_equal(again[steps].params, students[steps].params)
     assert_trees_equal(again[steps].ema_params, students[steps].ema_params)

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import digits
+from ddpm_jax import config_checks
 from ddpm_jax import diffusion as dlib
 from ddpm_jax import distillation
 from ddpm_jax import respacing
@@ -105,3 +107,17 @@ def test_a_perfect_teacher_of_one_point_gives_that_point_and_zero_loss():
   a, s = distillation.alpha_sigma(d, t)
   np.testing.assert_allclose(got, 0.01 * np.maximum(a**2 / s**2, 1.0), rtol=1e-3)
   assert float(got[0]) > 0.01 and float(got[-1]) == pytest.approx(0.01, rel=1e-3)  # SNR ≈ 1.1 at t = 249, ≈ 0 at 999
+
+
+def test_the_first_round_may_be_longer_and_keeps_the_same_share_of_its_teacher_in_the_ema():
+  config = digits.get_config()
+  config.distill.first_round_steps = 4000
+  config_checks.validate(config, "distill")
+  first, second = distillation.round_config(config, 32), distillation.round_config(config, 16)
+  assert first.training.num_train_steps == 4000 and second.training.num_train_steps == 1000
+  # The EMA keeps decay**steps of the teacher it started from: 0.995**1000 in both rounds.
+  assert first.optim.ema_decay ** 4000 == pytest.approx(0.995 ** 1000, rel=1e-9)
+  assert second.optim.ema_decay == 0.995
+  assert first.optim.lr == second.optim.lr == 2e-4
+  config.distill.first_round_steps = 0  # 0: like every other round
+  assert distillation.round_config(config, 32).training.num_train_steps == 1000

@@ -40,10 +40,10 @@ def run(config, workdir):
   for steps in schedule:
     round_args = distillation.round_args(teacher, teacher_parameterization, full_grid, steps)
     logging.info("Round %d → %d steps in %s", 2 * steps, steps, distillation.round_dir(workdir, steps))
-    state = train.train_and_evaluate(distillation.round_config(config), distillation.round_dir(workdir, steps),
+    state = train.train_and_evaluate(distillation.round_config(config, steps), distillation.round_dir(workdir, steps),
                                      init_params=teacher, objective=objective, objective_args=round_args)
     students[steps] = state
-    if int(state.step) < d.steps_per_round:  # stopped on request (SIGTERM): the rerun resumes this round
+    if int(state.step) < distillation.round_train_steps(config, steps):  # stopped on request (SIGTERM): the rerun resumes this round
       break
     teacher, teacher_parameterization = jax.device_get(state.ema_params), d.parameterization
   return students
