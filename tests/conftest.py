@@ -115,6 +115,15 @@ def tiny_config(**training):
   return c
 
 
+def tiny_edit_config(num_train_steps=2, **edit):
+  """tiny_config with a short RePaint schedule for 12 inputs (6 steps, 2 jumps of 3), batches of 8. edit: fields to
+  set."""
+  config = tiny_config(num_train_steps=num_train_steps)
+  config.edit.num_images, config.edit.num_steps, config.edit.jumps, config.edit.jump_length = 12, 6, 2, 3
+  config.edit.update(edit)
+  return config
+
+
 def assert_trees_equal(a, b, rtol=None, atol=0.0):
   """Same tree structure, then every leaf equal: exactly, or to rtol/atol when rtol is given."""
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -3,6 +3,7 @@
 argv: coordinator_port process_id workdir heartbeat_timeout_seconds action [action …], each action run in turn:
   train:N           train to step N (resuming), then write params_step<N>_process<i>.npz
   sample_eval:N     evaluate the step-N checkpoint (sample shards, FID and bits/dim in workdir/eval), then sample
+  edit:N            inpaint with the step-N checkpoint (the latest): conftest.tiny_edit_config, into workdir/edit
   slow_compile:S    from now on process 1 reaches each first train step S seconds after process 0 (a slow host)
 """
 import os
@@ -12,7 +13,7 @@ import time
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 # conftest asks for the test process's 8 devices; this process's 2 are set after it, before JAX starts a backend,
 # with the compile flags of the test process (which trains the one-process reference).
-from conftest import multihost_eval_config, save_params, tiny_config, xla_flags  # pylint: disable=g-import-not-at-top
+from conftest import multihost_eval_config, save_params, tiny_config, tiny_edit_config, xla_flags  # pylint: disable=g-import-not-at-top
 os.environ["XLA_FLAGS"] = xla_flags(2)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -44,6 +45,9 @@ for action in sys.argv[5:]:
   elif mode == "train":
     state = train.train_and_evaluate(config, workdir)
     save_params(workdir, steps, pid, state)
+  elif mode == "edit":
+    from ddpm_jax.modes import edit  # pylint: disable=g-import-not-at-top
+    print("edited", edit.run(tiny_edit_config(int(steps)), workdir), flush=True)
   else:
     from ddpm_jax.modes import evaluate  # pylint: disable=g-import-not-at-top
     from ddpm_jax.modes import sample  # pylint: disable=g-import-not-at-top

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import perturbed, tiny_config
+from conftest import perturbed, tiny_edit_config
 from ddpm_jax import config_checks
 from ddpm_jax import diffusion as dlib
 from ddpm_jax import editing
@@ -24,16 +24,8 @@ from ddpm_jax.models import unet
 def trained(tmp_path_factory):
   """A workdir holding a 2-step tiny run (the edits need params, not good ones)."""
   workdir = str(tmp_path_factory.mktemp("edit_run"))
-  train.train_and_evaluate(edit_config(), workdir)
+  train.train_and_evaluate(tiny_edit_config(), workdir)
   return workdir
-
-
-def edit_config(**fields):
-  config = tiny_config(num_train_steps=2)
-  config.edit.num_images, config.edit.num_steps, config.edit.jumps, config.edit.jump_length = 12, 6, 2, 3
-  config.sampling.batch_size = 8
-  config.edit.update(fields)
-  return config
 
 
 def _results(out_dir):
@@ -42,7 +34,7 @@ def _results(out_dir):
 
 
 def test_inpainting_keeps_the_known_pixels_and_does_not_depend_on_the_batch(trained):
-  config = edit_config()
+  config = tiny_edit_config()
   config_checks.validate(config, "edit")
   out = edit.run(config, trained)
   assert os.path.basename(out) == "step_00000002_inpaint_half_6_j2x3"
@@ -66,14 +58,14 @@ def test_inputs_and_masks_from_files_and_sdedit(trained, tmp_path):
   os.mkdir(tmp_path / "masks")
   for i in range(12):  # keep the left half of each image, as PNGs
     Image.fromarray(np.repeat([[255] * 4 + [0] * 4], 8, axis=0).astype(np.uint8)).save(tmp_path / "masks" / f"{i}.png")
-  config = edit_config(inputs=str(tmp_path / "inputs.npz"), masks=str(tmp_path / "masks"))
+  config = tiny_edit_config(inputs=str(tmp_path / "inputs.npz"), masks=str(tmp_path / "masks"))
   config_checks.validate(config, "edit")
   edited, read, masks = _results(edit.run(config, trained))
   np.testing.assert_array_equal(read, inputs)
   np.testing.assert_array_equal(masks[..., :4, :], 1)
   np.testing.assert_array_equal(edited[..., :4, :], inputs[..., :4, :])
 
-  sdedit = edit_config(task="sdedit", strength=0.3, inputs=str(tmp_path / "inputs.npz"))
+  sdedit = tiny_edit_config(task="sdedit", strength=0.3, inputs=str(tmp_path / "inputs.npz"))
   out = edit.run(sdedit, trained)
   assert os.path.basename(out) == "step_00000002_sdedit_0.3_6"
   edited, _, _ = _results(out)
@@ -81,7 +73,7 @@ def test_inputs_and_masks_from_files_and_sdedit(trained, tmp_path):
 
 
 def test_a_conditional_model_edits_towards_each_inputs_label_or_the_given_labels(tmp_path):
-  config = edit_config(task="sdedit", strength=0.6, num_images=8)
+  config = tiny_edit_config(task="sdedit", strength=0.6, num_images=8)
   config.model.num_classes, config.model.class_dropout = 10, 0.1  # the digits' own labels are read with the images
   config.sampling.guidance_scale = 2.0
   workdir = str(tmp_path / "run")
@@ -103,7 +95,7 @@ def test_a_conditional_models_edits_are_its_guided_chain_for_each_images_label()
   params = perturbed(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)),
                                          jnp.zeros((1,), jnp.int32))["params"], 0.02)
   diffusion = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", beta_end=0.2, num_timesteps=20))
-  e = edit_config(task="sdedit", strength=0.6, num_steps=5).edit
+  e = tiny_edit_config(task="sdedit", strength=0.6, num_steps=5).edit
   inputs = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
   masks, rng, labels = np.zeros((8, 8, 8, 1), np.float32), jax.random.PRNGKey(7), np.array([3, 1, 4, 1, 5, 9, 2, 6])
   edited = lambda labels: edit.edit_images(model, params, diffusion, inputs, masks, rng, e, 8, labels=labels,
@@ -117,7 +109,7 @@ def test_a_conditional_models_edits_are_its_guided_chain_for_each_images_label()
 
 def test_a_conditional_model_needs_labelled_inputs_or_sampling_labels(tmp_path):
   np.savez(tmp_path / "unlabelled.npz", np.zeros((4, 8, 8, 1), np.uint8))
-  config = edit_config(inputs=str(tmp_path / "unlabelled.npz"), num_images=4)
+  config = tiny_edit_config(inputs=str(tmp_path / "unlabelled.npz"), num_images=4)
   config.model.num_classes = 10
   with pytest.raises(ValueError, match="has no 'arr_1' of labels.*or give the classes in sampling.labels") as e:
     edit.load_inputs(config)
@@ -137,14 +129,14 @@ def test_a_conditional_model_needs_labelled_inputs_or_sampling_labels(tmp_path):
 ])
 def test_edit_config_mistakes_are_one_line_errors(fields, message):
   with pytest.raises(ValueError, match=message) as e:
-    config_checks.validate(edit_config(**fields), "edit")
+    config_checks.validate(tiny_edit_config(**fields), "edit")
   assert "\n" not in str(e.value)
 
 
 def test_mask_names_stay_names_and_mask_paths_become_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "m.npz").write_bytes(b"")
-  named, path = edit_config(masks="half", inputs="x.npz"), edit_config(masks="m.npz")
+  named, path = tiny_edit_config(masks="half", inputs="x.npz"), tiny_edit_config(masks="m.npz")
   paths.absolute_config_paths(named)
   paths.absolute_config_paths(path)
   assert named.edit.masks == "half" and named.edit.inputs == str(tmp_path / "x.npz")

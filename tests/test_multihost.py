@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from ddpm_jax.modes import train
-from conftest import assert_trees_equal, max_rel_diff, params_file, tiny_config
+from conftest import assert_trees_equal, max_rel_diff, params_file, tiny_config, tiny_edit_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 LATE = 40  # seconds; well beyond the 30 s XLA:CPU gives processes to connect their collectives
@@ -70,10 +70,11 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   from ddpm_jax.evaluation import fid
   from ddpm_jax.evaluation import inception
   from ddpm_jax.evaluation import inception_weights
+  from ddpm_jax.modes import edit
   run, one = tmp_path / "run", tmp_path / "one"
   # Launch 1 trains steps 1-2 from scratch while this process trains the one-process reference to step 4, samples
-  # it, draws the reference bits/dim of step 4 and trains on to step 8 (work for the ~40 s that process 0 waits for
-  # the late process 1, in which the cluster uses no CPU).
+  # and inpaints with it, draws the reference bits/dim of step 4 and trains on to step 8 (work for the ~40 s that
+  # process 0 waits for the late process 1, in which the cluster uses no CPU).
   procs = _start_cluster(run, f"slow_compile:{LATE}", "train:2")
   single = {2: _leaves(train.train_and_evaluate(tiny_config(num_train_steps=2), str(one)))}
   config = tiny_config(num_train_steps=4)
@@ -82,6 +83,8 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   one_samples = samples.load_samples(sample_mode.write_samples(config, model, params, step,
                                                                Sampler.from_config(config.sampling),
                                                                str(tmp_path / "samples")))
+  with np.load(os.path.join(edit.run(tiny_edit_config(4), str(one)), "edited.npz")) as f:
+    one_edit = dict(f)
   source = input_pipeline.make_source(config.data)
   want_bpd = bpd.bits_per_dim(model, flax_replicate(params), dlib.GaussianDiffusion.from_config(config.diffusion),
                                    np.stack([source[i] for i in range(6)]),
@@ -96,11 +99,11 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
     assert max_rel_diff(_leaves(train.train_and_evaluate(config, str(run))), single[4]) <= 1e-6
   assert "Starting at step 2 of 4" in caplog.text  # resumed (a fresh start would give the same params)
 
-  # Launch 2 restores that 1-process checkpoint, evaluates it, trains to 6, then restores its own step 6 and trains
-  # to 8.
+  # Launch 2 restores that 1-process checkpoint, evaluates it and inpaints with it, trains to 6, then restores its own
+  # step 6 and trains to 8.
   ref_mu = np.random.default_rng(0).normal(size=fid.FEATURE_DIM)
   fid.save_stats(str(run / "ref_stats.npz"), ref_mu, np.eye(fid.FEATURE_DIM))
-  procs = _start_cluster(run, "sample_eval:4", "train:6", "train:8")
+  procs = _start_cluster(run, "sample_eval:4", "edit:4", "train:6", "train:8")
   outs = _wait(procs)
   assert all("Starting at step 4 of 6" in out and "Starting at step 6 of 8" in out for out in outs)
   assert max_rel_diff(_cluster_params(run, 6), single[6]) <= 1e-6
@@ -113,6 +116,18 @@ def test_two_processes_train_evaluate_and_resume_like_one_process(tmp_path, capl
   two = samples.load_samples(str(cluster_dir))
   assert two.shape == one_samples.shape == (16, 8, 8, 1)
   assert np.abs(two.astype(int) - one_samples.astype(int)).max() <= 1  # 8 vs 2 devices per batch: float rounding
+
+  # Inpainting: each host edited its half of every batch; together they are the one-process edits, and the known
+  # pixels are the inputs' exactly.
+  edit_dir = run / "edit" / "step_00000004_inpaint_half_6_j2x3"
+  assert sorted(os.listdir(edit_dir)) == ["edited.npz", "part_host0.npz", "part_host1.npz", "sheet.png"]
+  with np.load(edit_dir / "part_host0.npz") as h0, np.load(edit_dir / "part_host1.npz") as h1:
+    assert len(h0["index"]) and len(h1["index"])  # both hosts did a share, and together every image once
+    assert sorted(np.concatenate([h0["index"], h1["index"]])) == list(range(12))
+  with np.load(edit_dir / "edited.npz") as two_edit:
+    np.testing.assert_array_equal(two_edit["arr_1"], one_edit["arr_1"])  # the same inputs
+    np.testing.assert_array_equal(two_edit["arr_0"][:, :4], two_edit["arr_1"][:, :4])
+    assert np.abs(two_edit["arr_0"].astype(int) - one_edit["arr_0"].astype(int)).max() <= 1
 
   # Bits/dim: per-host shards, read by process 0, equal the one-process bound per example.
   with open(run / "eval" / "results_step_00000004.json") as f:
