@@ -43,7 +43,8 @@ def run(config, workdir):
     state = train.train_and_evaluate(distillation.round_config(config, steps), distillation.round_dir(workdir, steps),
                                      init_params=teacher, objective=objective, objective_args=round_args)
     students[steps] = state
-    if int(state.step) < distillation.round_train_steps(config, steps):  # stopped on request (SIGTERM): the rerun resumes this round
+    # Stopped on request (SIGTERM): the rerun resumes this round.
+    if int(state.step) < distillation.round_train_steps(config, steps):
       break
     teacher, teacher_parameterization = jax.device_get(state.ema_params), d.parameterization
   return students
