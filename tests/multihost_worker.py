@@ -13,7 +13,8 @@ import time
 sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 # conftest asks for the test process's 8 devices; this process's 2 are set after it, before JAX starts a backend,
 # with the compile flags of the test process (which trains the one-process reference).
-from conftest import multihost_eval_config, save_params, tiny_config, tiny_edit_config, xla_flags  # pylint: disable=g-import-not-at-top
+from conftest import (multihost_eval_config, save_params, tiny_config, tiny_edit_config,  # pylint: disable=g-import-not-at-top
+                      xla_flags)
 os.environ["XLA_FLAGS"] = xla_flags(2)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
