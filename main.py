@@ -12,8 +12,6 @@ from ml_collections import config_flags
 from ddpm_jax import paths
 from ddpm_jax import xla_cpu
 
-xla_cpu.apply()  # before anything starts JAX's backend: XLA_FLAGS are read once
-
 FLAGS = flags.FLAGS
 _MODULES = dict(eval="evaluate")  # --mode → ddpm_jax/modes/<module>.py where the names differ
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local path or gs://).")
@@ -42,6 +40,7 @@ def main(argv):
   filled = config_checks.fill_missing(FLAGS.config, cifar10.get_config())
   if filled:
     logging.warning("The config lacks %s; using configs/cifar10.py's values.", ", ".join(filled))
+  xla_cpu.apply(FLAGS.config)  # before anything starts JAX's backend (validate may count devices): read once
   try:
     config_checks.validate(FLAGS.config, FLAGS.mode,
                            lambda: config_checks.device_count_before_joining(FLAGS.coordinator_address))

@@ -15,7 +15,7 @@ if REPO not in sys.path:
 
 from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position  # imports no JAX
 
-xla_cpu.apply()  # ours compiled as main.py compiles it
+xla_cpu.apply()  # the flag in every compile; those with XLA_DEFAULT_OPTIONS run beside them (main_uses_flag)
 
 # name → (our U-Net fields, image side, channels). 'digits' is the offline demo's (configs/digits.py: grayscale 8×8,
 # 1.1M parameters); 'tiny' is for smoke tests: every kind of block, 0.7M parameters.
@@ -93,6 +93,13 @@ def matched_models(name, dropout=0.0, **unet_kwargs):
   state = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
   params = pretrained.params_from_diffusers(state, abstract["params"], len(fields["ch_mult"]))
   return ours, params, theirs, size
+
+
+def main_uses_flag(name):
+  """Whether main.py compiles this model with xla_cpu.FLAG (small models) or XLA's own YNNPACK list (xla_cpu.pays_for):
+  which of the two compiles the scripts time is ours as users run it."""
+  fields, size, _ = MODELS[name]
+  return xla_cpu.pays_for(size, fields["ch"])
 
 
 def flops_of(compiled):

@@ -86,12 +86,20 @@ def test_the_rule_returns_valid_forms_and_uses_winograd_where_it_was_measured_fa
     for side in (1, 2, 3, 4, 8, 16, 32, 64, 256):
       for cin in (1, 3, 32, 64, 128, 256, 384, 512):
         for cout in (1, 3, 32, 128, 256):
-          forms = conv3x3.choose(batch, side, cin, cout)
-          assert isinstance(forms, tuple) and len(forms) == 2 and set(forms) <= set(conv3x3.FORMS), forms
-          assert forms == conv3x3.choose(batch, side, cin, cout)  # a pure function of the shape
-  assert conv3x3.choose(32, 32, 128, 128) == conv3x3.choose(8, 32, 128, 128) == ("xla", "winograd")
-  assert conv3x3.choose(64, 8, 32, 32) == ("xla", "xla")  # the digits model's narrow convolutions stay XLA's
-  assert conv3x3.choose(64, 2, 64, 64) == ("matmuls", "xla")
+          for pays in (True, False):
+            forms = conv3x3.choose(batch, side, cin, cout, pays)
+            assert isinstance(forms, tuple) and len(forms) == 2 and set(forms) <= set(conv3x3.FORMS), forms
+            assert forms == conv3x3.choose(batch, side, cin, cout, pays)  # a pure function of the shape and CPU
+            assert pays or forms[1] == "xla"  # where Winograd does not pay, XLA's weight gradient throughout
+  assert conv3x3.choose(32, 32, 128, 128, True) == conv3x3.choose(8, 32, 128, 128, True) == ("xla", "winograd")
+  assert conv3x3.choose(8, 32, 128, 128, False) == ("xla", "xla")
+  for pays in (True, False):
+    assert conv3x3.choose(64, 8, 32, 32, pays) == ("xla", "xla")  # the digits model's narrow convolutions: XLA's
+    assert conv3x3.choose(64, 2, 64, 64, pays) == ("matmuls", "xla")  # 2×2 images: faster on every CPU measured
+  # Without the argument: this machine's CPU decides, by the vendor /proc/cpuinfo names.
+  pays_here = conv3x3.cpu_vendor() == "GenuineIntel"
+  assert conv3x3.winograd_pays_here() == pays_here
+  assert conv3x3.choose(8, 32, 128, 128) == ("xla", "winograd" if pays_here else "xla")
 
 
 def _loss(conv):

@@ -2,7 +2,7 @@
 
 The forward pass is XLA's own convolution, so outputs are bit for bit those of `nn.Conv`, except on images of side
 ≤ 2, where one im2col matmul is 3× faster (`forward_form`; equal to 1e-6). In the backward pass the input gradient
-and the weight gradient are each computed in one of three forms, picked by `choose` from the shape:
+and the weight gradient are each computed in one of three forms, picked by `choose` from the shape and the CPU:
 
 - 'xla': the convolution's own vjp, as autodiff would compute it (two convolutions XLA lowers itself);
 - 'winograd': Winograd's minimal filtering F(2×2, 3×3) (Lavin & Gray 2016), tiles of 2×2 outputs from 4×4 inputs:
@@ -37,26 +37,53 @@ def use_custom(conv_impl):
   return conv_impl == "auto" and jax.default_backend() == "cpu"
 
 
-def choose(batch, side, cin, cout):
+def choose(batch, side, cin, cout, winograd_weights=None):
   """(input-gradient form, weight-gradient form) for a batch of side×side images, cin → cout channels.
 
-  From benchmarks/bench_conv_impl.py on the shared 2-core Xeon (docs/performance.md has the table), as XLA's time ÷
-  the form's (> 1: the form is faster); the first figure is the published run's, the second an earlier run's:
-  - Weight gradient. Winograd: 2.00 / 1.92 at 8×32²×128→128, 1.78 / 2.24 at 32×32²×128→128, 2.09 / 1.80 at
-    32×16²×256→256, 1.35 / 1.15 at 8×16²×256→256, 1.07 / 1.15 at 8×8²×256→256. Less work loses or ties: 0.82 / 0.81
-    at 8×4²×256→256, and at the digits model's narrow channels 0.49 / 0.53 at 64×8²×32→32, 0.83 / 0.88 at
-    64×4²×64→64, 1.18 / 0.95 at 64×2²×64→64 (0.3 ms). The nine matmuls beat XLA only where Winograd beat them too
-    (1.97, 1.55, 1.59 at the 32² and batch-32 shapes). So: Winograd when both sides have ≥ 128 channels and the batch
-    has ≥ 512 pixels (N·H·W), XLA's below.
+  winograd_weights: whether Winograd's weight gradient pays on this CPU at all (None: `winograd_pays_here()`).
+
+  From benchmarks/bench_conv_impl.py (docs/performance.md has the tables), as XLA's time ÷ the form's (> 1: the form
+  is faster):
+  - Weight gradient. On the shared 2-core Intel Xeon, Winograd: 2.00 / 1.92 (two runs) at 8×32²×128→128, 1.78 / 2.24
+    at 32×32²×128→128, 2.09 / 1.80 at 32×16²×256→256, 1.35 / 1.15 at 8×16²×256→256, 1.07 / 1.15 at 8×8²×256→256;
+    less work loses or ties: 0.82 / 0.81 at 8×4²×256→256, and at the digits model's narrow channels 0.49 / 0.53 at
+    64×8²×32→32, 0.83 / 0.88 at 64×4²×64→64. The CIFAR-10 train step was 1.21× / 1.24× faster at batch 8 / 32. The
+    nine matmuls beat XLA only where Winograd beat them too. So: Winograd when both sides have ≥ 128 channels and the
+    batch has ≥ 512 pixels (N·H·W), XLA's below. On two AMD EPYCs (AVX-512; families 25 and 26) XLA's own weight
+    gradient ran 4–6× faster than on that (then loaded) Xeon, and Winograd lost at 32² (0.65–0.91) while winning at
+    16² and 8² (1.19–1.59), yet the whole CIFAR-10 step gained nothing from it at batch 8 (0.98–1.00) and lost at
+    batch 32 (0.87–0.96; without the 32² layers 0.98). So elsewhere than on Intel CPUs, XLA's weight gradient
+    throughout.
   - Input gradient. XLA's own was the fastest or tied (≤ 1.10) at every shape but 2×2 images, where it took 2.1 ms at
     64×2²×64→64 against 0.4 for the nine matmuls (5.65 / 4.79) and 0.3 for Winograd (7.41 / 4.04: a tie within the
-    noise, so the simpler form). Winograd's 1.33 and 1.13 at 8×16²×256→256 and 8×8²×256→256 come from one run only
-    (the earlier one, before a 6 ms kernel transpose was taken out of that form, had 0.78 and 0.34): not enough to
-    leave XLA's there.
+    noise, so the simpler form); 5.4 and 3.1 for the matmuls on the two EPYCs. Winograd's 1.33 and 1.13 at
+    8×16²×256→256 and 8×8²×256→256 come from one run only (the earlier one, before a 6 ms kernel transpose was taken
+    out of that form, had 0.78 and 0.34): not enough to leave XLA's there.
   """
+  if winograd_weights is None:
+    winograd_weights = winograd_pays_here()
   input_form = "matmuls" if side <= 2 else "xla"
-  weight_form = "winograd" if min(cin, cout) >= 128 and batch * side * side >= 512 else "xla"
-  return input_form, weight_form
+  wide = min(cin, cout) >= 128 and batch * side * side >= 512
+  return input_form, ("winograd" if winograd_weights and wide else "xla")
+
+
+@functools.cache
+def winograd_pays_here():
+  """Whether this machine's CPU is of the kind Winograd's weight gradient was measured to pay on: Intel's (`choose`).
+  Unmeasured kinds (ARM, other vendors) keep XLA's own, what autodiff computes."""
+  return cpu_vendor() == "GenuineIntel"
+
+
+def cpu_vendor():
+  """The CPU's vendor as /proc/cpuinfo names it ('GenuineIntel', 'AuthenticAMD', …); '' where it does not say."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("vendor_id"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
