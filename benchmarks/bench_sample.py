@@ -59,8 +59,7 @@ def main():
   med = {k: common.median(v) for k, v in times.items()}
   fwd, fwd_pt = med["forward"] / args.forwards, med["forward_pt"] / args.forwards
   overhead, overhead_pt = med["ours"] / (args.steps * fwd), med["diffusers"] / (args.steps * fwd_pt)
-  # The headline is ours as main.py compiles this model: with the flag, or with XLA's own list (main_uses_flag).
-  main_key = "ours_xla" if "ours_xla" in med and not common.main_uses_flag(args.model) else "ours"
+  main_key = common.main_py_key(args.model, med)  # the headline
   speedup = med["diffusers"] / med[main_key]
   rows = [["ddpm-jax (lax.scan)", f"{med['ours']:.2f}", common.spread(times["ours"]),
            f"{args.batch / med['ours']:.3f}", f"{fwd:.4f}", f"**{overhead:.3f}**"]]

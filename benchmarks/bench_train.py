@@ -66,8 +66,7 @@ def main():
       gflops = flops / med[key] / 1e9
       rows.append([b, name, f"{med[key]:.3f}", common.spread(times[key]), f"{gflops:.0f}", f"{gflops / peak:.0%}",
                    first])
-    # The headline is ours as main.py compiles this model: with the flag, or with XLA's own list (main_uses_flag).
-    main_key = "ours_xla" if "ours_xla" in fns and not common.main_uses_flag(args.model) else "ours"
+    main_key = common.main_py_key(args.model, fns)  # the headline
     ratio = med["diffusers"] / med[main_key]
     ratios.append((b, ratio))
     for key, name in (("ours", "diffusers ÷ ours"), ("ours_xla", "diffusers ÷ ours with XLA's default")):

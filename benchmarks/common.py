@@ -15,7 +15,7 @@ if REPO not in sys.path:
 
 from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position  # imports no JAX
 
-xla_cpu.apply()  # the flag in every compile; those with XLA_DEFAULT_OPTIONS run beside them (main_uses_flag)
+xla_cpu.apply()  # the flag in every compile; those with XLA_DEFAULT_OPTIONS run beside them (main_py_key)
 
 # name → (our U-Net fields, image side, channels). 'digits' is the offline demo's (configs/digits.py: grayscale 8×8,
 # 1.1M parameters); 'tiny' is for smoke tests: every kind of block, 0.7M parameters.
@@ -41,12 +41,8 @@ def add_common_flags(parser):
 def machine_info(threads):
   """Lines stating what decides the numbers: cores, CPU, load, library versions, threads, XLA flags."""
   from importlib import metadata  # pylint: disable=g-import-not-at-top  # versions without importing the libraries
-  cpu = platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  from ddpm_jax.models import conv3x3  # pylint: disable=g-import-not-at-top  # after xla_cpu.apply (it imports JAX)
+  cpu = conv3x3.cpu_info("model name") or platform.machine()
   versions = ", ".join(f"{n} {metadata.version(n)}" for n in ("jax", "jaxlib", "flax", "torch", "diffusers"))
   return [f"machine: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {cpu}, "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
@@ -95,11 +91,11 @@ def matched_models(name, dropout=0.0, **unet_kwargs):
   return ours, params, theirs, size
 
 
-def main_uses_flag(name):
-  """Whether main.py compiles this model with xla_cpu.FLAG (small models) or XLA's own YNNPACK list (xla_cpu.pays_for):
-  which of the two compiles the scripts time is ours as users run it."""
+def main_py_key(name, timed):
+  """'ours' (compiled with xla_cpu.FLAG) or 'ours_xla' (with XLA_DEFAULT_OPTIONS, if timed has it): the one of the
+  two compiles that is this model as main.py compiles it (the flag for small models only, xla_cpu.pays_for)."""
   fields, size, _ = MODELS[name]
-  return xla_cpu.pays_for(size, fields["ch"])
+  return "ours_xla" if "ours_xla" in timed and not xla_cpu.pays_for(size, fields["ch"]) else "ours"
 
 
 def flops_of(compiled):

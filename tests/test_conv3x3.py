@@ -97,7 +97,7 @@ def test_the_rule_returns_valid_forms_and_uses_winograd_where_it_was_measured_fa
     assert conv3x3.choose(64, 8, 32, 32, pays) == ("xla", "xla")  # the digits model's narrow convolutions: XLA's
     assert conv3x3.choose(64, 2, 64, 64, pays) == ("matmuls", "xla")  # 2×2 images: faster on every CPU measured
   # Without the argument: this machine's CPU decides, by the vendor /proc/cpuinfo names.
-  pays_here = conv3x3.cpu_vendor() == "GenuineIntel"
+  pays_here = conv3x3.cpu_info("vendor_id") == "GenuineIntel"
   assert conv3x3.winograd_pays_here() == pays_here
   assert conv3x3.choose(8, 32, 128, 128) == ("xla", "winograd" if pays_here else "xla")
 

@@ -71,15 +71,16 @@ def choose(batch, side, cin, cout, winograd_weights=None):
 def winograd_pays_here():
   """Whether this machine's CPU is of the kind Winograd's weight gradient was measured to pay on: Intel's (`choose`).
   Unmeasured kinds (ARM, other vendors) keep XLA's own, what autodiff computes."""
-  return cpu_vendor() == "GenuineIntel"
+  return cpu_info("vendor_id") == "GenuineIntel"
 
 
-def cpu_vendor():
-  """The CPU's vendor as /proc/cpuinfo names it ('GenuineIntel', 'AuthenticAMD', …); '' where it does not say."""
+def cpu_info(field):
+  """A field of /proc/cpuinfo for the first CPU: 'vendor_id' ('GenuineIntel', 'AuthenticAMD', …), 'model name', …;
+  '' where there is no such file or field."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("vendor_id"):
+        if line.split(":", 1)[0].strip() == field:
           return line.split(":", 1)[1].strip()
   except OSError:
     pass
