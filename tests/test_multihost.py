@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from ddpm_jax.modes import train
 from conftest import assert_trees_equal, max_rel_diff, params_file, tiny_config, tiny_edit_config
@@ -23,12 +24,27 @@ def _free_port():
     return s.getsockname()[1]
 
 
+_STARTED = []  # every cluster process a test starts: none outlives its test (after a failure it would hog the CPU)
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_processes():
+  yield
+  while _STARTED:
+    p = _STARTED.pop()
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
 def _start_cluster(workdir, *actions, heartbeat_seconds=100):
   """Both processes of a cluster, each running the worker's actions ("train:N", "sample_eval:N") in turn."""
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return [subprocess.Popen([sys.executable, WORKER, str(port), str(i), str(workdir), str(heartbeat_seconds), *actions],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), str(workdir), str(heartbeat_seconds), *actions],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+  _STARTED.extend(procs)
+  return procs
 
 
 def _wait(procs):
