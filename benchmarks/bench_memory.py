@@ -99,8 +99,8 @@ def main():
   parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["ours", "ours_remat", "diffusers"])
   parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.quick:
-    args.model, args.batch, args.steps = "tiny", 2, 2
+  if args.quick:  # a smoke test of the script: ours beside PyTorch, two fresh processes (the test suite runs it)
+    args.model, args.batch, args.steps, args.variants = "tiny", 2, 2, ["ours", "diffusers"]
   if args.child:
     child(args.child, args.model, args.batch, args.steps, args.threads)
     return

@@ -68,11 +68,11 @@ def test_bench_sample_quick(outputs):
 
 def test_bench_memory_quick(outputs):
   lines = outputs["bench_memory.py"]
-  m = re.fullmatch(r"peak RSS ÷ PyTorch: ours (\d+\.\d+), ours_remat (\d+\.\d+) \(targets: .*\)", lines[-1])
-  assert m, lines[-1]
+  m = re.fullmatch(r"peak RSS ÷ PyTorch: ours (\d+\.\d+) \(targets: .*\)", lines[-1])  # --quick: no remat
+  assert m and float(m.group(1)) > 0, lines[-1]
   rows = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in lines
           if re.match(r"\| (ours|diff)", row)}
-  assert set(rows) == {"ours", "ours_remat", "diffusers"}
+  assert set(rows) == {"ours", "diffusers"}
   for name, (peak, base, _, first, later, tensorflow, _) in rows.items():
     assert 100 < float(peak) < 20_000, (name, peak)  # MiB: a real process, not a unit slip
     assert float(base) <= float(first) <= float(peak) and float(later) <= float(peak), (name, rows[name])
