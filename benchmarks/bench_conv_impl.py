@@ -1,6 +1,7 @@
 """model.conv_impl: XLA's 3×3 convolution against ddpm_jax.models.conv3x3, per convolution and per train step.
 
   python benchmarks/bench_conv_impl.py [--repeats=5] [--quick]
+  python benchmarks/bench_conv_impl.py --shapes 64x16x96x32 64x8x64x64   # batch x side x in x out, instead of SHAPES
   python benchmarks/bench_conv_impl.py --train_step cifar10 --batch 8 [--repeats=3]   # conv_impl 'xla' vs 'auto'
 
 Per convolution (the default): at each shape of the CIFAR-10 U-Net's 3×3 convolutions at batch 8 and 32 and of the
@@ -29,6 +30,14 @@ from ddpm_jax.models import conv3x3
 SHAPES = ((8, 32, 128, 128), (8, 16, 256, 256), (8, 8, 256, 256), (8, 4, 256, 256), (32, 32, 128, 128),
           (32, 16, 256, 256), (64, 8, 32, 32), (64, 4, 64, 64), (64, 2, 64, 64))
 QUICK_SHAPES = ((2, 8, 16, 16),)
+
+
+def _shape(text):
+  """'64x16x96x32' → (64, 16, 96, 32): batch, side, in channels, out channels."""
+  parts = text.lower().split("x")
+  if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise argparse.ArgumentTypeError(f"{text!r}: expected batch x side x in x out, e.g. 64x16x96x32")
+  return tuple(int(p) for p in parts)
 
 
 def _shape_name(b, side, cin, cout):
@@ -114,6 +123,8 @@ def main():
   parser.add_argument("--train_step", choices=sorted(common.MODELS), help="time the whole train step of this model")
   parser.add_argument("--batch", type=int, nargs="+", default=[8], help="--train_step: batch sizes")
   parser.add_argument("--quick", action="store_true", help="one small shape (or the tiny model at batch 2), 3 rounds")
+  parser.add_argument("--shapes", nargs="+", type=_shape, help="per convolution: these shapes instead of SHAPES, "
+                      "each batch x side x in x out, e.g. 64x16x96x32")
   args = parser.parse_args()
   for line in common.machine_info(threads=0)[:2]:
     print(line)
@@ -122,7 +133,7 @@ def main():
     model_name, batches = ("tiny", [2]) if args.quick else (args.train_step, args.batch)
     train_step_table(model_name, batches, 3 if args.quick else args.repeats, 0 if args.quick else args.warmup)
   else:
-    conv_table(QUICK_SHAPES if args.quick else SHAPES, 3 if args.quick else args.repeats)
+    conv_table(QUICK_SHAPES if args.quick else args.shapes or SHAPES, 3 if args.quick else args.repeats)
 
 
 if __name__ == "__main__":

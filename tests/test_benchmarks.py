@@ -125,6 +125,16 @@ def test_digits_model_is_the_demos():
   assert (size, channels) == (config.data.image_size, config.data.channels) == (8, 1)
 
 
+def test_conv_impl_shapes_flag_reads_batch_side_in_out():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import argparse  # pylint: disable=g-import-not-at-top
+  import bench_conv_impl  # pylint: disable=g-import-not-at-top
+  assert bench_conv_impl._shape("64x16x96x32") == (64, 16, 96, 32)  # pylint: disable=protected-access
+  for bad in ("64x16x96", "64x16x96x0", "64x16xax32"):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected batch x side x in x out"):
+      bench_conv_impl._shape(bad)  # pylint: disable=protected-access
+
+
 def test_profile_classes_of_a_convolutions_gradients():
   """The profile's HLO classes on a program whose convolutions are known: one of each kind."""
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
