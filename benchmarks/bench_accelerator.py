@@ -45,7 +45,7 @@ def train_figures(args, config, ours, params, theirs, torch_device, dtype):
   """{figure: (ours, PyTorch or None)} of the train step with activations of `dtype`."""
   batch_np = common.random_batch(args.model, args.batch)
   step, compile_s, first_s, flops = common.ours_train_step(ours.clone(dtype=jnp.dtype(dtype)), params, config,
-                                                           batch_np)
+                                                           batch_np, common.main_py_options(args.model))
   fns = dict(ours=repeat(step, args.steps_per_round))
   if torch_device:
     autocast = None if dtype == "float32" else getattr(torch, dtype)
@@ -87,7 +87,7 @@ def sampler_figures(args, config, ours, params, theirs, torch_device):
           args.solver_steps, args.repeats)}
   figures = {}
   for label, (sampler, scheduler, steps, repeats) in runs.items():
-    chain, compile_s = common.ours_chain(ours, params, diffusion, shape, sampler)
+    chain, compile_s = common.ours_chain(ours, params, diffusion, shape, sampler, common.main_py_options(args.model))
     fns = dict(ours=chain)
     if torch_device:
       fns["pytorch"], first_pt = common.diffusers_chain(theirs, scheduler, steps, args.sample_batch, torch_device)

@@ -103,7 +103,8 @@ def train_step_table(model_name, batches, repeats, warmup):
     batch_np = common.random_batch(model_name, b)
     steps, compile_s = {}, {}
     for impl in ("xla", "auto"):
-      steps[impl], compile_s[impl], _, _ = common.ours_train_step(models[impl][0], params, config, batch_np)
+      steps[impl], compile_s[impl], _, _ = common.ours_train_step(models[impl][0], params, config, batch_np,
+                                                                  common.main_py_options(model_name))
     common.alternate(steps, warmup)
     times = common.alternate(steps, repeats)
     med = {k: common.median(v) for k, v in times.items()}

@@ -65,7 +65,8 @@ def child(variant, model_name, batch, steps, threads):
                                  jnp.zeros((1,), jnp.int32))
     params = jax.block_until_ready(params["params"])
     base = _status_mib("VmRSS")
-    step, _, _, _ = common.ours_train_step(model, params, config, batch_np)  # compiles, runs the first step
+    # Compiles (as main.py would: common.main_py_options), runs the first step.
+    step, _, _, _ = common.ours_train_step(model, params, config, batch_np, common.main_py_options(model_name))
     del params
   first_peak = _status_mib("VmHWM")
   _reset_peak()

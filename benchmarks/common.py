@@ -15,7 +15,7 @@ if REPO not in sys.path:
 
 from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position  # imports no JAX
 
-xla_cpu.apply()  # the flag in every compile; those with XLA_DEFAULT_OPTIONS run beside them (main_py_key)
+xla_cpu.apply()  # the flag in every compile but those given XLA_DEFAULT_OPTIONS (main_py_options, main_py_key)
 
 # name → (our U-Net fields, image side, channels). 'digits' is the offline demo's (configs/digits.py: grayscale 8×8,
 # 1.1M parameters); 'digits16' the same U-Net on the 16×16 digits of docs/evaluation.md (image_size² × ch = 8,192:
@@ -99,6 +99,15 @@ def main_py_key(name, timed):
   two compiles that is this model as main.py compiles it (the flag for small models only, xla_cpu.pays_for)."""
   fields, size, _ = MODELS[name]
   return "ours_xla" if "ours_xla" in timed and not xla_cpu.pays_for(size, fields["ch"]) else "ours"
+
+
+def main_py_options(name):
+  """The compiler options that make a compile of model `name` the one main.py makes: on a CPU, XLA_DEFAULT_OPTIONS
+  for the models xla_cpu.apply leaves the flag off for (CIFAR-10's size and up); None otherwise (the flag, which
+  this module set for every compile, is main.py's too; other backends ignore it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  fields, size, _ = MODELS[name]
+  return XLA_DEFAULT_OPTIONS if jax.default_backend() == "cpu" and not xla_cpu.pays_for(size, fields["ch"]) else None
 
 
 def flops_of(compiled):

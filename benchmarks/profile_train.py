@@ -159,9 +159,10 @@ def main():
   print(f"model: {args.model}, batch {args.batch}, {args.steps} profiled {what} each after 3 warm-up calls\n")
   batch_np = common.random_batch(args.model, args.batch)
   if args.forward:
-    step_ours, step_pt = common.ours_forward(ours, params, batch_np), common.torch_forward(theirs, batch_np)
+    step_ours = common.ours_forward(ours, params, batch_np, compiler_options=common.main_py_options(args.model))
+    step_pt = common.torch_forward(theirs, batch_np)
   else:
-    step_ours, _, _, _ = common.ours_train_step(ours, params, config, batch_np)
+    step_ours, _, _, _ = common.ours_train_step(ours, params, config, batch_np, common.main_py_options(args.model))
     step_pt, _ = common.torch_train_step(theirs, config, batch_np)
   for _ in range(3):  # oneDNN builds its primitives over the first steps
     step_ours()

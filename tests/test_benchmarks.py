@@ -125,6 +125,17 @@ def test_digits_model_is_the_demos():
   assert (size, channels) == (config.data.image_size, config.data.channels) == (8, 1)
 
 
+def test_benchmarks_compile_each_model_as_main_py_does():
+  """main.py leaves the YNNPACK flag off for CIFAR-10-sized models (xla_cpu.apply): the benchmarks' compiles of
+  them get XLA's own list, the small models keep the flag."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import common  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  assert common.main_py_options("cifar10") == xla_cpu.compiler_options(xla_cpu.XLA_DEFAULT)  # the suite runs on CPU
+  assert common.main_py_options("digits") is None and common.main_py_options("digits16") is None
+  assert common.main_py_options("tiny") is None
+
+
 def test_conv_impl_shapes_flag_reads_batch_side_in_out():
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import argparse  # pylint: disable=g-import-not-at-top
