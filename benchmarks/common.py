@@ -97,8 +97,7 @@ def matched_models(name, dropout=0.0, **unet_kwargs):
 def main_py_key(name, timed):
   """'ours' (compiled with xla_cpu.FLAG) or 'ours_xla' (with XLA_DEFAULT_OPTIONS, if timed has it): the one of the
   two compiles that is this model as main.py compiles it (the flag for small models only, xla_cpu.pays_for)."""
-  fields, size, _ = MODELS[name]
-  return "ours_xla" if "ours_xla" in timed and not xla_cpu.pays_for(size, fields["ch"]) else "ours"
+  return "ours_xla" if "ours_xla" in timed and main_py_options(name) is not None else "ours"
 
 
 def main_py_options(name):
