@@ -87,7 +87,9 @@ CHECKPOINT_PREFIX = "distill/"  # sampling.checkpoint = 'distill/<steps>': the s
 def student_run(config, workdir):
   """(config, workdir) that sample a student when config.sampling.checkpoint is 'distill/<steps>': the round's
   directory and latest checkpoint, its parameterization as diffusion.model_mean_type, and its own sampler (<steps>
-  DDIM steps, η = 0, on the 'trailing' timesteps it was trained on). Any other config is returned as it is."""
+  DDIM steps on the 'trailing' timesteps it was trained on). η stays config.sampling.eta: 0 (the default) is the
+  deterministic path the student was trained on; η > 0 re-noises between its steps (docs/distillation.md). Any
+  other config is returned as it is."""
   choice = config.sampling.checkpoint
   if not choice.startswith(CHECKPOINT_PREFIX):
     return config, workdir
@@ -95,7 +97,7 @@ def student_run(config, workdir):
   c = copy.deepcopy(config)
   c.sampling.checkpoint = "latest"
   c.diffusion.model_mean_type = STUDENT_MEAN_TYPE[config.distill.parameterization]
-  c.sampling.method, c.sampling.num_steps, c.sampling.eta, c.sampling.spacing = "ddim", steps, 0.0, "trailing"
+  c.sampling.method, c.sampling.num_steps, c.sampling.spacing = "ddim", steps, "trailing"
   return c, round_dir(workdir, steps)
 
 

@@ -121,3 +121,17 @@ def test_the_first_round_may_be_longer_and_keeps_the_same_share_of_its_teacher_i
   assert first.optim.lr == second.optim.lr == 2e-4
   config.distill.first_round_steps = 0  # 0: like every other round
   assert distillation.round_config(config, 32).training.num_train_steps == 1000
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_student_samples_its_own_ddim_grid_with_the_eta_asked_for(eta):
+  config = digits.get_config()
+  config.sampling.method, config.sampling.num_steps, config.sampling.spacing = "ancestral", 0, "auto"
+  config.sampling.eta = eta
+  config.sampling.checkpoint = "distill/4"
+  student, workdir = distillation.student_run(config, "runs/x")
+  assert workdir == "runs/x/distill/4" and student.sampling.checkpoint == "latest"
+  s = student.sampling
+  assert (s.method, s.num_steps, s.spacing, s.eta) == ("ddim", 4, "trailing", eta)
+  assert student.diffusion.model_mean_type == "v"
+  assert config.sampling.method == "ancestral"  # the caller's config is left as it was
