@@ -79,7 +79,7 @@ def get_config():
   sampling.checkpoint = "latest"
   sampling.num_steps = 0  # Reverse steps: 0 = all T (paper); fewer runs an evenly respaced subsequence (improved DDPM).
   sampling.method = "ancestral"  # 'ancestral' (paper's Algorithm 2), 'ddim' (Song et al. 2021) or 'analytic_dpm'.
-  sampling.eta = 0.0  # DDIM noise scale (only for 'ddim'): 0 deterministic, 1 = ancestral with sigma^2 = beta-tilde.
+  sampling.eta = 0.0  # DDIM noise scale ('ddim', distilled students): 0 deterministic, 1 = ancestral (beta-tilde).
   # Fast solvers: method 'dpm_solver++' (Lu et al. 2022), 'sde_dpm_solver++' or 'unipc' (Zhao et al. 2023), with
   # num_steps network calls (10-20 is their range) of this order and timestep spacing (docs/evaluation.md).
   sampling.order = 2  # 1-3 ('sde_dpm_solver++': 1-2); 2 = DPM-Solver++(2M).
