@@ -1,8 +1,9 @@
 """The digits demo trained 2.7× longer: a model whose probability-flow ODE is worth testing fast solvers on.
 
 Run:  python main.py --config=configs/digits_long.py --workdir=runs/digits_long
-About an hour on 2 CPU cores (a shared AMD EPYC VM: 2.7–3.3 steps/s, so ~45 minutes of training, plus ~12 minutes
-for the Inception statistics of the 1,797 digits before the first FID, and ~2 minutes per FID after that).
+About an hour on 2 cores of a shared AMD EPYC VM (2.7–3.3 steps/s, so ~45 minutes of training, plus ~12 minutes
+for the Inception statistics of the 1,797 digits before the first FID, and ~2 minutes per FID after that); 27
+minutes in all on 2 cores of an Intel Xeon VM (AVX-512).
 The demo (configs/digits.py, 3,000 steps) is good with the stochastic chain but its ODE is not: DDIM at 20 steps
 scores several times the chain's FID, which caps every deterministic solver and the distilled students built on
 them. Same data, U-Net and diffusion as the demo; only the length of training and what suits it change.
