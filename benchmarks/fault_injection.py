@@ -61,7 +61,7 @@ def _cmd(workdir, steps, mode="train"):
   return [sys.executable, "main.py", "--mode=distill", f"--workdir={workdir}"] + TINY + [
       f"--config.training.num_train_steps={TEACHER_STEPS}", f"--config.distill.start_steps={2 * DISTILL_ROUNDS[0]}",
       f"--config.distill.end_steps={DISTILL_ROUNDS[-1]}", f"--config.distill.steps_per_round={steps}",
-      "--config.distill.lr=1e-3"]
+      "--config.distill.lr=1e-3", "--config.optim.warmup_steps=0"]  # rounds shorter than the demo's warmup
 
 
 def _runs(workdir, mode):

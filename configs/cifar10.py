@@ -50,6 +50,7 @@ def get_config():
   config.optim = optim = ml_collections.ConfigDict()
   optim.lr = 2e-4  # Adam learning rate after warmup.
   optim.warmup_steps = 5000  # Linear warmup from 0 to lr.
+  optim.lr_anneal_steps = 0  # 0 = constant lr after warmup; n = falling linearly to 0 at step n (as distill does).
   optim.beta1 = 0.9  # Adam beta1 (TF default, as the authors used).
   optim.beta2 = 0.999  # Adam beta2.
   optim.eps = 1e-8  # Adam epsilon.
@@ -119,6 +120,9 @@ def get_config():
   # decay is ema_decay ** (steps_per_round / first_round_steps): the same share of the teacher left at its end.
   distill.first_round_steps = 0
   distill.lr = 1e-4  # Adam's learning rate in each round (after optim.warmup_steps; the rest of config.optim).
+  # 'linear': each round's lr falls from distill.lr to 0 at its last step (the authors' released setup); 'constant'.
+  distill.lr_schedule = "linear"
+  distill.dropout = 0.0  # The students' dropout (model.dropout is the teacher's training): none, as the authors'.
   # The students' EMA, which starts at the teacher's params: a horizon of 10,000 steps, a fifth of a round, leaves
   # e^-5 ≈ 0.7% of that start at the round's end.
   distill.ema_decay = 0.9999

@@ -171,6 +171,7 @@ def field_rules():
       "diffusion.loss_type": one_of(diffusion.LOSS_TYPES),
       "optim.lr": number(0, lo_open=True),
       "optim.warmup_steps": integer(0, meaning="0 = none"),
+      "optim.lr_anneal_steps": integer(0, meaning="0 = constant lr after warmup"),
       "optim.beta1": number(0, 1, hi_open=True),
       "optim.beta2": number(0, 1, hi_open=True),
       "optim.eps": number(0, lo_open=True),
@@ -217,6 +218,8 @@ def field_rules():
       "distill.steps_per_round": integer(1),
       "distill.first_round_steps": integer(0, meaning="0 = distill.steps_per_round"),
       "distill.lr": number(0, lo_open=True),
+      "distill.lr_schedule": one_of(("linear", "constant")),
+      "distill.dropout": number(0, 1, hi_open=True, meaning="0 = none"),
       "distill.ema_decay": number(0, 1, hi_open=True, meaning="0 = no averaging"),
       "distill.parameterization": one_of(("v", "x", "eps")),
       "edit.task": one_of(("inpaint", "sdedit")),
@@ -381,6 +384,10 @@ def _check_steps(field, num_steps, config, method, eta=0.0, value=None):
 def _check_train(config):
   """Step counts the compiled call of training.steps_per_dispatch steps can hit (modes/train.py), and the batches."""
   t = config.training
+  warmup, anneal = _get(config, "optim.warmup_steps", 0), _get(config, "optim.lr_anneal_steps", 0)
+  if 0 < anneal <= warmup:
+    _fail("optim.lr_anneal_steps", anneal, f"not after the warmup's {warmup} steps (the lr falls to 0 after it)",
+          f"0 or more than {warmup}; for distillation, rounds longer than optim.warmup_steps")
   k = t.get("steps_per_dispatch", 1)
   for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
                "fid_every_steps"):
@@ -431,6 +438,11 @@ def _check_distill(config):
   if d.start_steps > config.diffusion.num_timesteps:
     _fail("distill.start_steps", d.start_steps, f"more than the diffusion's T = {config.diffusion.num_timesteps}",
           f"at most {config.diffusion.num_timesteps}")
+  warmup = _get(config, "optim.warmup_steps", 0)
+  for name in ("steps_per_round", "first_round_steps"):
+    if d.lr_schedule == "linear" and 0 < d[name] <= warmup:
+      _fail(f"distill.{name}", d[name], f"a round no longer than optim.warmup_steps = {warmup}, after which its lr "
+            "falls to 0", f"more than {warmup} steps, or distill.lr_schedule 'constant'")
   return _check_train(distillation.round_config(config, d.start_steps // 2))
 
 

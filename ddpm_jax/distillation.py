@@ -63,17 +63,22 @@ def round_train_steps(config, steps):
 
 
 def round_config(config, steps):
-  """The training config of the round whose student takes `steps` steps: its length, distill's learning rate and
-  EMA decay; no sample grids or FID on the way (the paper's chain is not the student's sampler)."""
+  """The training config of the round whose student takes `steps` steps: its length, distill's learning rate, its
+  schedule, EMA decay and the students' dropout; no sample grids or FID on the way (the paper's chain is not the
+  student's sampler)."""
   c = copy.deepcopy(config)
   c.training.num_train_steps = round_train_steps(config, steps)
   c.optim.lr = config.distill.lr
+  c.optim.lr_anneal_steps = c.training.num_train_steps if config.distill.lr_schedule == "linear" else 0
   # The student is sampled from its EMA, which starts at the teacher's params: training's decay, sized to its own
   # run, can leave most of the EMA at that start after a short round (0.9995 over 1,000 steps: 61%). distill.ema_decay
   # is sized to steps_per_round; a round of another length gets the decay that leaves the same share of the start.
   decay = config.distill.ema_decay ** (config.distill.steps_per_round / c.training.num_train_steps)
-  with c.ignore_type():  # a decay of 0 (no averaging) may have been given as the integer 0
+  with c.ignore_type():  # a decay or dropout of 0 may have been given as the integer 0
     c.optim.ema_decay = decay
+    # The target is a deterministic function of fresh noise, so there is nothing to regularise; the authors'
+    # students train without dropout.
+    c.model.dropout = config.distill.dropout
   c.training.sample_every_steps = 0
   c.training.fid_every_steps = 0
   return c

@@ -43,11 +43,12 @@ def create_model(config):
 
 
 def create_optimizer(optim_config):
-  """Clip to a global norm, then Adam with a linear warmup from 0 (the authors' setup)."""
-  warmup = optim_config.warmup_steps
-  # optax's linear_schedule with 0 transition steps would stay at 0 forever: no warmup means a constant lr.
-  schedule = optax.linear_schedule(0.0, optim_config.lr, warmup) if warmup > 0 else optax.constant_schedule(
-      optim_config.lr)
+  """Clip to a global norm, then Adam with a linear warmup from 0 (the authors' setup); with optim.lr_anneal_steps
+  = n > 0 the lr then falls linearly to 0 at step n (the distillation rounds of Salimans & Ho)."""
+  warmup, anneal, lr = optim_config.warmup_steps, optim_config.lr_anneal_steps, optim_config.lr
+  # optax's linear_schedule with 0 transition steps would stay at its start forever: each piece only if it has steps.
+  after = optax.linear_schedule(lr, 0.0, anneal - warmup) if anneal > 0 else optax.constant_schedule(lr)
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup]) if warmup > 0 else after
   tx = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip),
                    optax.adam(schedule, b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps))
   return tx, schedule

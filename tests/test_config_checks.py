@@ -23,11 +23,13 @@ MEANINGFUL = {
     "seed": (0,),  # a seed like any other (the configs' own)
     "model.dropout": (0,),  # no dropout (the 256² configs)
     "optim.warmup_steps": (0,),  # no warmup: the full lr from the first step
+    "optim.lr_anneal_steps": (0,),  # a constant lr after warmup (training's default)
     "optim.beta1": (0,),  # Adam without momentum
     "optim.beta2": (0,),  # Adam whose second moment is the last gradient's alone
     "optim.ema_decay": (0,),  # no averaging: the EMA params are the params
     "distill.ema_decay": (0,),  # the same for the distilled students
     "distill.first_round_steps": (0,),  # the first round as long as the others
+    "distill.dropout": (0,),  # students without dropout (the default, as the authors trained theirs)
     "training.log_every_steps": (0,),  # metrics only with each checkpoint
     "training.checkpoint_every_steps": (0,),  # checkpoints only at the end and on preemption
     "training.sample_every_steps": (0,),  # no sample grids
@@ -190,6 +192,11 @@ def learned(config, **sampling):
     ("sweep", dict(eval=dict(sweep_steps=(10, 2000))), "eval.sweep_steps = (10, 2000): item 2000: more than the "
      "diffusion's T = 1000 steps; use integers from 1 to 1000."),
     ("sweep", dict(eval=dict(num_samples=0)), "eval.num_samples = 0: a sweep measures FID"),
+    ("train", dict(optim=dict(lr_anneal_steps=100)), "optim.lr_anneal_steps = 100: not after the warmup's 100 "
+     "steps"),
+    ("distill", dict(distill=dict(steps_per_round=100)), "distill.steps_per_round = 100: a round no longer than "
+     "optim.warmup_steps = 100"),
+    ("distill", dict(distill=dict(first_round_steps=50)), "distill.first_round_steps = 50: a round no longer"),
     ("train", dict(diffusion=dict(loss_type="hybrid")), "diffusion.loss_type = 'hybrid': needs a learned variance"),
     ("train", dict(diffusion=dict(model_var_type="learned")), "diffusion.loss_type = 'mse': L_simple cannot train"),
     ("train", dict(model=dict(ch=16)), "model.ch × ch_mult gives [16] channels, not divisible by GroupNorm"),

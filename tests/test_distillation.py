@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from configs import digits
+from configs import digits_long
 from ddpm_jax import config_checks
 from ddpm_jax import diffusion as dlib
 from ddpm_jax import distillation
 from ddpm_jax import respacing
+from ddpm_jax import train_step
 
 T = 1000
 SHAPE = (3, 4, 4, 1)
@@ -121,6 +123,22 @@ def test_the_first_round_may_be_longer_and_keeps_the_same_share_of_its_teacher_i
   assert first.optim.lr == second.optim.lr == 2e-4
   config.distill.first_round_steps = 0  # 0: like every other round
   assert distillation.round_config(config, 32).training.num_train_steps == 1000
+
+
+def test_each_round_anneals_its_lr_to_zero_and_trains_its_student_without_dropout():
+  config = digits_long.get_config()  # a teacher trained with dropout 0.1
+  config.distill.first_round_steps = 4000
+  first, later = distillation.round_config(config, 32), distillation.round_config(config, 16)
+  for c, length in ((first, 4000), (later, 1000)):
+    assert c.training.num_train_steps == c.optim.lr_anneal_steps == length and c.model.dropout == 0.0
+    _, schedule = train_step.create_optimizer(c.optim)
+    warmup = c.optim.warmup_steps
+    np.testing.assert_allclose([schedule(warmup), schedule((warmup + length) / 2), schedule(length)],
+                               [2e-4, 1e-4, 0.0], rtol=1e-6, atol=1e-12)
+  config.distill.lr_schedule, config.distill.dropout = "constant", 0.1  # the settings before these fields existed
+  c = distillation.round_config(config, 16)
+  assert c.optim.lr_anneal_steps == 0 and c.model.dropout == 0.1
+  assert float(train_step.create_optimizer(c.optim)[1](1000)) == pytest.approx(2e-4, rel=1e-6)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

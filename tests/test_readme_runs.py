@@ -40,8 +40,10 @@ MODE_SHORT = dict(
           "--config.eval.ref_stats=runs/ref_stats.npz"),
     sweep=("--config.eval.num_samples=8", "--config.sampling.batch_size=8", "--config.eval.inception_batch_size=8",
            "--config.eval.sweep_steps=(5,)", "--config.eval.ref_stats=runs/ref_stats.npz"),
-    # One round (8 → 4 steps) of two train steps, so that the documented distill/4 student exists.
-    distill=("--config.distill.start_steps=8", "--config.distill.end_steps=4", "--config.distill.steps_per_round=2"),
+    # One round (8 → 4 steps) of two train steps, so that the documented distill/4 student exists; no warmup, which
+    # a round's falling lr must outlast.
+    distill=("--config.distill.start_steps=8", "--config.distill.end_steps=4", "--config.distill.steps_per_round=2",
+             "--config.optim.warmup_steps=0"),
     # Four images, a 5-step chain, RePaint's walk with one resampling of 2 steps.
     edit=("--config.edit.num_images=4", "--config.edit.num_steps=5", "--config.edit.jumps=2",
           "--config.edit.jump_length=2", "--config.sampling.batch_size=4"),

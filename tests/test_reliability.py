@@ -37,6 +37,7 @@ def test_restart_with_a_different_model_is_refused_and_nothing_is_touched(tmp_pa
     json.dump(recorded, f)
   config = tiny_config(num_train_steps=2)
   config.model.remat = True
+  config.model.dropout = 0.3  # a training setting, too: distillation's students resume without their teacher's
   restored = train.train_and_evaluate(config, str(tmp_path))
   assert int(restored.step) == 2
   assert_trees_equal(restored.params, trained.params)

@@ -99,9 +99,17 @@ def test_warmup_schedule_and_ema_closed_forms():
   _, schedule = train_step.create_optimizer(config.optim)
   for step in (0, 1, 5, 10, 11, 1000):
     np.testing.assert_allclose(schedule(step), config.optim.lr * min(step / 10, 1.0), rtol=1e-6)
+  config.optim.lr_anneal_steps = 30  # after the warmup, falling linearly to 0 at step 30 (distillation's rounds)
+  _, annealed = train_step.create_optimizer(config.optim)
+  for step in (0, 5, 10, 11, 20, 29, 30, 31, 1000):
+    want = config.optim.lr * (step / 10 if step < 10 else max(30 - step, 0) / 20)
+    np.testing.assert_allclose(annealed(step), want, rtol=1e-6, atol=1e-12)
   config.optim.warmup_steps = 0
+  _, falling = train_step.create_optimizer(config.optim)
+  np.testing.assert_allclose([falling(s) for s in (0, 15, 30)], [config.optim.lr, config.optim.lr / 2, 0], rtol=1e-6)
+  config.optim.lr_anneal_steps = 0
   _, constant = train_step.create_optimizer(config.optim)
-  assert float(constant(0)) == config.optim.lr  # no warmup: full lr from the first step
+  assert float(constant(0)) == float(constant(10**6)) == config.optim.lr  # no warmup: full lr from the first step
   # From EMA_0 = 0, each step's EMA is d·EMA_(k−1) + (1 − d)·params_k of the params that step made: after n steps
   # Σ_k (1 − d)·d^(n−k)·params_k. The step of the test above (the same program: compiled once).
   config = moving_config()

@@ -51,9 +51,9 @@ def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step
 
 # Fields that fix the shapes and meaning of a checkpoint: a restart must not change them.
 _FIXED_FIELDS = ("model", "diffusion", "data.image_size", "data.channels", "training.batch_size")
-# …except these, which change how the same params are computed, not what they are: a resumed run may switch them
-# (and a workdir older than one of them resumes).
-_FREE_FIELDS = ("model.dtype", "model.remat", "model.conv_impl")
+# …except these, which change how the same params are computed or trained, not what they are: a resumed run may
+# switch them (and a workdir older than one of them resumes).
+_FREE_FIELDS = ("model.dtype", "model.remat", "model.conv_impl", "model.dropout")
 # Fixed fields added after runs were made: an older workdir's config.json lacks them, and its run had these values.
 _ADDED_FIXED_FIELDS = {"model.num_classes": 0, "model.class_dropout": 0.0}
 
