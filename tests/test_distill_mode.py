@@ -2,12 +2,13 @@
 after losing its latest checkpoints (what a kill -9 between saves leaves), and a student sampled in its own steps."""
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import assert_trees_equal, tiny_config
+from conftest import REPO, assert_trees_equal, tiny_config
 from ddpm_jax import config_checks
 from ddpm_jax import diffusion as dlib
 from ddpm_jax import distillation
@@ -81,3 +82,21 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   want = images.to_uint8(jnp.clip(np.sqrt(ac) * x_T - np.sqrt(1.0 - ac) * v, -1.0, 1.0))
   got = samples.load_samples(out)
   assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+  # benchmarks/distill_fidelity.py on these students, from x_T keyed by PRNGKey(seed): the first teacher against
+  # itself is 0, and the 1-step student's row is the RMSE of its closed-form samples (as above) to the teacher's.
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import distill_fidelity  # pylint: disable=g-import-not-at-top
+  config.sampling.checkpoint = "latest"
+  rows = distill_fidelity.fidelity_rows(config, str(tmp_path), num=8, batch=8, seed=config.seed)
+  assert [(name.split(":")[0], passes) for name, passes, _ in rows] == [
+      ("the first teacher", 4), ("the teacher, 2 DDIM steps", 2), ("the 2-step student", 2),
+      ("the teacher, 1 DDIM steps", 1), ("the 1-step student", 1)]
+  assert rows[0][2] == 0.0 and all(value > 0 for _, _, value in rows[1:])
+  config.sampling.num_steps = 4
+  first = distill_fidelity.samples(config, str(tmp_path), 8, 8, jax.random.PRNGKey(config.seed))
+  key = jax.random.PRNGKey(config.seed)
+  x_T = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), T), (8, 8, 1)) for i in range(8)])
+  v = train_step.create_model(config).apply({"params": students[1].ema_params}, x_T, t[:8])
+  one_step = np.clip(np.sqrt(ac) * x_T - np.sqrt(1.0 - ac) * v, -1.0, 1.0)
+  np.testing.assert_allclose(rows[-1][2], np.sqrt(np.mean(np.square(one_step - first))), rtol=1e-4)
