@@ -7,7 +7,12 @@ own teacher, so perfect rounds would give every student the first teacher's samp
 steps ('trailing', η = 0) of the trained model. This prints the RMSE (in [−1, 1] pixels) between each student's
 samples and the first teacher's, decoded from the same x_T, beside the teacher's own DDIM with as few steps. A round
 whose loss an FID of a few thousand samples cannot see shows here in a few hundred: DDIM with η = 0 is deterministic,
-so every difference is the student's (or, in the teacher's rows, that of fewer steps).
+so every difference is the student's (or, in the teacher's rows, that of fewer steps). Besides the RMSE, the median
+of the per-sample RMSEs and the share of samples further than 0.25 (a different shape, not a blur).
+
+Then, for the first round's student, where along the chain it misses: at each of its steps, the mean squared error
+of its x̂ against the round's target on real training images noised to that step, beside the error of the teacher's
+own x̂ taken as one step (what the student would score by copying its teacher).
 """
 import argparse
 import copy
@@ -16,12 +21,17 @@ import os
 import common  # pylint: disable=unused-import  # puts the repository on sys.path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import distillation
+from ddpm_jax import input_pipeline
 from ddpm_jax import sampling
 from ddpm_jax import trained_params
+
+
+FAR = 0.25  # per-sample RMSE beyond which a sample is another shape than the first teacher's, not a blur of it
 
 
 def samples(config, workdir, num, batch, rng):
@@ -38,8 +48,9 @@ def samples(config, workdir, num, batch, rng):
 
 
 def fidelity_rows(config, workdir, num, batch, seed=0):
-  """[(sampler, network passes, RMSE to the first teacher's samples)]: the first teacher itself (0 by construction),
-  the teacher's DDIM at each student's step count, and every student found in workdir/distill/."""
+  """[(sampler, network passes, RMSE to the first teacher's samples, median per-sample RMSE, share of samples
+  further than FAR)]: the first teacher itself (0 by construction), the teacher's DDIM at each student's step count,
+  and every student found in workdir/distill/."""
   rng = jax.random.PRNGKey(seed)
   d = config.distill
 
@@ -49,13 +60,57 @@ def fidelity_rows(config, workdir, num, batch, seed=0):
     return samples(c, workdir, num, batch, rng)
 
   first = of(config.sampling.checkpoint, d.start_steps)
-  rmse = lambda x: float(np.sqrt(np.mean(np.square(x - first))))
-  rows = [(f"the first teacher: {d.start_steps} DDIM steps", d.start_steps, rmse(first))]
+
+  def rmse(x):
+    per_sample = np.sqrt(np.mean(np.square(x - first), axis=tuple(range(1, x.ndim))))
+    return float(np.sqrt(np.mean(np.square(per_sample)))), float(np.median(per_sample)), float(np.mean(per_sample > FAR))
+
+  rows = [(f"the first teacher: {d.start_steps} DDIM steps", d.start_steps, *rmse(first))]
   for steps in distillation.round_steps(d.start_steps, d.end_steps):
-    rows.append((f"the teacher, {steps} DDIM steps", steps, rmse(of(config.sampling.checkpoint, steps))))
+    rows.append((f"the teacher, {steps} DDIM steps", steps, *rmse(of(config.sampling.checkpoint, steps))))
     if os.path.isdir(os.path.join(distillation.round_dir(workdir, steps), "checkpoints")):
-      rows.append((f"the {steps}-step student", steps, rmse(of(f"{distillation.CHECKPOINT_PREFIX}{steps}", steps))))
+      rows.append((f"the {steps}-step student", steps, *rmse(of(f"{distillation.CHECKPOINT_PREFIX}{steps}", steps))))
   return rows
+
+
+def step_errors(config, workdir, num, seed=0):
+  """[(student step i, its timestep t, teacher's one-step error, student's error)] of the first round's student:
+  mean squared x̂ error against the two-teacher-step target on `num` training images noised to t."""
+  d = config.distill
+  steps = d.start_steps // 2
+  c = copy.deepcopy(config)
+  model, teacher, _ = trained_params.load(c, workdir)
+  c.sampling.checkpoint = f"{distillation.CHECKPOINT_PREFIX}{steps}"
+  c, round_dir = distillation.student_run(c, workdir)
+  _, student, _ = trained_params.load(c, round_dir)
+  diffusion = diffusion_lib.GaussianDiffusion.from_config(config.diffusion)
+  points, midpoints = distillation.round_points(distillation.grid(diffusion.num_timesteps, d.start_steps), steps)
+  data = input_pipeline.batches(config.data, seed=seed, global_batch_size=num, start_step=0, num_local_devices=1)
+  x = next(data)
+  x = jnp.asarray(x[0] if isinstance(x, tuple) else x)[0]
+
+  def x0_fn(params, parameterization):
+    def x0(z, t):
+      out = model.apply({"params": params}, z, t, train=False)
+      x_hat = distillation.to_x0(out, z, *distillation.alpha_sigma(diffusion, t), parameterization)
+      return jnp.clip(x_hat, -1.0, 1.0) if config.sampling.clip_denoised else x_hat
+    return x0
+
+  first_teacher = x0_fn(teacher, {"eps": "eps", "xstart": "x", "v": "v"}[config.diffusion.model_mean_type])
+  first_student = x0_fn(student, d.parameterization)
+
+  @jax.jit
+  def errors(i):
+    t, t_mid, t_next = (jnp.full((x.shape[0],), jnp.asarray(a)[j]) for a, j in ((points, i), (midpoints, i),
+                                                                                 (points, i - 1)))
+    alpha, sigma = distillation.alpha_sigma(diffusion, t)
+    z = alpha[:, None, None, None] * x + sigma[:, None, None, None] * jax.random.normal(
+        jax.random.fold_in(jax.random.PRNGKey(seed), i), x.shape)
+    target = distillation.target(first_teacher, diffusion, z, t, t_mid, t_next)
+    return jnp.mean(jnp.square(first_teacher(z, t) - target)), jnp.mean(jnp.square(first_student(z, t) - target))
+
+  shown = sorted({steps, steps - 1, steps - 2, *range(steps, 0, -max(steps // 8, 1)), 1} - {0, -1}, reverse=True)
+  return [(i, int(points[i]), *map(float, errors(i))) for i in shown]
 
 
 def main(argv=None):
@@ -69,9 +124,14 @@ def main(argv=None):
   config = load_config(args.config)
   rows = fidelity_rows(config, args.workdir, args.num_samples, args.batch_size)
   print(f"{args.num_samples} samples from the same x_T; RMSE in [-1, 1] pixels to the first teacher's samples")
-  print("| sampler | network passes | RMSE to the first teacher |\n|---|---|---|")
-  for name, passes, value in rows:
-    print(f"| {name} | {passes} | {value:.4f} |")
+  print(f"| sampler | network passes | RMSE to the first teacher | median per sample | share further than {FAR} |")
+  print("|---|---|---|---|---|")
+  for name, passes, value, median, far in rows:
+    print(f"| {name} | {passes} | {value:.4f} | {median:.4f} | {far:.1%} |")
+  print(f"\nThe first round's student against its target, {args.num_samples} training images noised to each step")
+  print("| student step | t | teacher's own x̂, one step: MSE | the student's x̂: MSE |\n|---|---|---|---|")
+  for i, t, teacher_error, student_error in step_errors(config, args.workdir, args.num_samples):
+    print(f"| {i} | {t} | {teacher_error:.5f} | {student_error:.5f} |")
 
 
 if __name__ == "__main__":

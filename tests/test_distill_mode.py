@@ -89,10 +89,10 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   import distill_fidelity  # pylint: disable=g-import-not-at-top
   config.sampling.checkpoint = "latest"
   rows = distill_fidelity.fidelity_rows(config, str(tmp_path), num=8, batch=8, seed=config.seed)
-  assert [(name.split(":")[0], passes) for name, passes, _ in rows] == [
+  assert [(row[0].split(":")[0], row[1]) for row in rows] == [
       ("the first teacher", 4), ("the teacher, 2 DDIM steps", 2), ("the 2-step student", 2),
       ("the teacher, 1 DDIM steps", 1), ("the 1-step student", 1)]
-  assert rows[0][2] == 0.0 and all(value > 0 for _, _, value in rows[1:])
+  assert rows[0][2:] == (0.0, 0.0, 0.0) and all(row[2] > 0 and row[3] > 0 and 0 <= row[4] <= 1 for row in rows[1:])
   config.sampling.num_steps = 4
   first = distill_fidelity.samples(config, str(tmp_path), 8, 8, jax.random.PRNGKey(config.seed))
   key = jax.random.PRNGKey(config.seed)
@@ -100,3 +100,7 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   v = train_step.create_model(config).apply({"params": students[1].ema_params}, x_T, t[:8])
   one_step = np.clip(np.sqrt(ac) * x_T - np.sqrt(1.0 - ac) * v, -1.0, 1.0)
   np.testing.assert_allclose(rows[-1][2], np.sqrt(np.mean(np.square(one_step - first))), rtol=1e-4)
+  # Where round 1's student misses, step by step: its 2 steps land at t = round(k·100/2) − 1 (the 'trailing' grid).
+  errors = distill_fidelity.step_errors(config, str(tmp_path), num=16, seed=config.seed)
+  assert [(i, t) for i, t, _, _ in errors] == [(2, 99), (1, 49)]
+  assert all(np.isfinite(e) and e >= 0 for row in errors for e in row[2:]) and errors[0][3] > 0, errors
