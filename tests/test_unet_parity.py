@@ -109,8 +109,8 @@ def test_one_train_step_matches_a_pytorch_step_with_diffusers():
   pt = diffusers_unet(32, (1, 2, 2, 2), attn_level=1, size=32)
   ours = unet.UNet(ch=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,), dropout=0.0)
   params = ours_from(pt, ours, 32)
-  optim = ml_collections.ConfigDict(dict(lr=2e-4, warmup_steps=0, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=1.0,
-                                         ema_decay=0.9999))
+  optim = ml_collections.ConfigDict(dict(lr=2e-4, warmup_steps=0, lr_anneal_steps=0, beta1=0.9, beta2=0.999, eps=1e-8,
+                                         grad_clip=1.0, ema_decay=0.9999))
   tx, schedule = train_step.create_optimizer(optim)
   d = dlib.GaussianDiffusion(dlib.get_beta_schedule("linear", num_timesteps=1000))
   state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
