@@ -96,8 +96,8 @@ def step_errors(config, workdir, num, seed=0):
       return jnp.clip(x_hat, -1.0, 1.0) if config.sampling.clip_denoised else x_hat
     return x0
 
-  first_teacher = x0_fn(teacher, {"eps": "eps", "xstart": "x", "v": "v"}[config.diffusion.model_mean_type])
-  first_student = x0_fn(student, d.parameterization)
+  first_teacher = x0_fn(teacher, distillation.TEACHER_PARAMETERIZATION[config.diffusion.model_mean_type])
+  first_student = x0_fn(student, distillation.student_parameterization(config, steps))
 
   @jax.jit
   def errors(i):

@@ -127,6 +127,8 @@ def get_config():
   # e^-5 ≈ 0.7% of that start at the round's end.
   distill.ema_decay = 0.9999
   distill.parameterization = "v"  # The students' output: 'v' (paper), 'x' or 'eps' (unstable at few steps).
+  # The first round's student's output, if not distill.parameterization: 'eps' starts exactly at an ε-teacher.
+  distill.first_round_parameterization = ""
 
   # --mode=edit (docs/editing.md): inpainting (RePaint, Lugmayr et al. 2022) or SDEdit (Meng et al. 2022) with the
   # EMA params, no retraining; results in workdir/edit/.

@@ -222,6 +222,7 @@ def field_rules():
       "distill.dropout": number(0, 1, hi_open=True, meaning="0 = none"),
       "distill.ema_decay": number(0, 1, hi_open=True, meaning="0 = no averaging"),
       "distill.parameterization": one_of(("v", "x", "eps")),
+      "distill.first_round_parameterization": one_of(("", "v", "x", "eps")),
       "edit.task": one_of(("inpaint", "sdedit")),
       "edit.inputs": text(),
       "edit.num_images": integer(1),

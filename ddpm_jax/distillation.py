@@ -53,13 +53,25 @@ def round_steps(start_steps, end_steps):
   return [start_steps >> k for k in range(1, ratio.bit_length())]
 
 
+def _first_round(config, steps):
+  return steps == config.distill.start_steps // 2
+
+
 def round_train_steps(config, steps):
   """Train steps of the round whose student takes `steps` steps: distill.first_round_steps for the first round (the
   one that turns the trained ε- or x-network into a v-student, where most of the quality is lost; 0 = like the others),
   distill.steps_per_round for every other."""
   d = config.distill
-  first = steps == d.start_steps // 2 and d.first_round_steps
-  return d.first_round_steps if first else d.steps_per_round
+  return d.first_round_steps if _first_round(config, steps) and d.first_round_steps else d.steps_per_round
+
+
+def student_parameterization(config, steps):
+  """What the student of `steps` steps predicts (PARAMETERIZATIONS): distill.first_round_parameterization in the first
+  round if set (an ε-student of an ε-teacher starts exactly at its teacher's function), else distill.parameterization.
+  The next round's student starts from these params and is read as its own parameterization."""
+  d = config.distill
+  first = _first_round(config, steps) and d.first_round_parameterization
+  return d.first_round_parameterization if first else d.parameterization
 
 
 def round_config(config, steps):
@@ -84,8 +96,10 @@ def round_config(config, steps):
   return c
 
 
-# A student's parameterization as the diffusion's model_mean_type, for sampling it.
+# A student's parameterization as the diffusion's model_mean_type, for sampling it; and a trained model's
+# model_mean_type as a parameterization of x̂, for reading it as the first teacher.
 STUDENT_MEAN_TYPE = dict(v="v", x="xstart", eps="eps")
+TEACHER_PARAMETERIZATION = {mean_type: p for p, mean_type in STUDENT_MEAN_TYPE.items()}
 CHECKPOINT_PREFIX = "distill/"  # sampling.checkpoint = 'distill/<steps>': the student of that round
 
 
@@ -101,7 +115,7 @@ def student_run(config, workdir):
   steps = int(choice[len(CHECKPOINT_PREFIX):])
   c = copy.deepcopy(config)
   c.sampling.checkpoint = "latest"
-  c.diffusion.model_mean_type = STUDENT_MEAN_TYPE[config.distill.parameterization]
+  c.diffusion.model_mean_type = STUDENT_MEAN_TYPE[student_parameterization(config, steps)]
   c.sampling.method, c.sampling.num_steps, c.sampling.spacing = "ddim", steps, "trailing"
   return c, round_dir(workdir, steps)
 

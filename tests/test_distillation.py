@@ -153,3 +153,34 @@ def test_a_student_samples_its_own_ddim_grid_with_the_eta_asked_for(eta):
   assert (s.method, s.num_steps, s.spacing, s.eta) == ("ddim", 4, "trailing", eta)
   assert student.diffusion.model_mean_type == "v"
   assert config.sampling.method == "ancestral"  # the caller's config is left as it was
+
+
+def test_an_eps_first_round_hands_its_eps_student_as_teacher_to_v_rounds(monkeypatch):
+  """distill.first_round_parameterization='eps': round 1's student predicts ε (it starts exactly at the ε-teacher),
+  later students v; each round's teacher is read in its own student's form, and each student is sampled in its own."""
+  from ddpm_jax import trained_params  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.modes import distill  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.modes import train  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.distill.start_steps, config.distill.end_steps = 16, 2  # rounds of 8, 4 and 2 steps
+  config.distill.first_round_parameterization = "eps"
+  config_checks.validate(config, "distill")
+  assert [distillation.student_parameterization(config, s) for s in (8, 4, 2)] == ["eps", "v", "v"]
+  for steps, mean_type in ((8, "eps"), (4, "v"), (2, "v")):
+    config.sampling.checkpoint = f"distill/{steps}"
+    assert distillation.student_run(config, "w")[0].diffusion.model_mean_type == mean_type
+
+  # The rounds as --mode=distill runs them, each round's training replaced by a record of what it was given.
+  rounds = []
+  def fake_round(round_config, workdir, init_params, objective, objective_args):
+    rounds.append((objective.student, distillation.PARAMETERIZATIONS[int(objective_args.teacher_parameterization)],
+                   float(init_params["w"])))
+    return train_step.TrainState(step=round_config.training.num_train_steps, params=None, opt_state=None,
+                                 ema_params={"w": np.float32(len(rounds))})
+  monkeypatch.setattr(trained_params, "load", lambda config, workdir: (None, {"w": np.float32(0)}, 5))
+  monkeypatch.setattr(train, "train_and_evaluate", fake_round)
+  assert sorted(distill.run(config, "w")) == [2, 4, 8]
+  # (student, teacher, the params it starts from): the trained ε-model, then each round's student's EMA params.
+  assert rounds == [("eps", "eps", 0.0), ("v", "eps", 1.0), ("v", "v", 2.0)]
+  config.distill.first_round_parameterization = ""  # '' = distill.parameterization in every round
+  assert [distillation.student_parameterization(config, s) for s in (8, 4, 2)] == ["v", "v", "v"]
