@@ -16,6 +16,7 @@ own x̂ taken as one step (what the student would score by copying its teacher).
 """
 import argparse
 import copy
+import functools
 import os
 
 import common  # pylint: disable=unused-import  # puts the repository on sys.path
@@ -90,11 +91,8 @@ def step_errors(config, workdir, num, seed=0):
   x = jnp.asarray(x[0] if isinstance(x, tuple) else x)[0]
 
   def x0_fn(params, parameterization):
-    def x0(z, t):
-      out = model.apply({"params": params}, z, t, train=False)
-      x_hat = distillation.to_x0(out, z, *distillation.alpha_sigma(diffusion, t), parameterization)
-      return jnp.clip(x_hat, -1.0, 1.0) if config.sampling.clip_denoised else x_hat
-    return x0
+    as_x0 = functools.partial(distillation.to_x0, parameterization=parameterization)
+    return distillation.network_x0(model, params, diffusion, as_x0, config.sampling.clip_denoised, train=False)
 
   first_teacher = x0_fn(teacher, distillation.TEACHER_PARAMETERIZATION[config.diffusion.model_mean_type])
   first_student = x0_fn(student, distillation.student_parameterization(config, steps))

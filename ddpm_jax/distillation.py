@@ -159,6 +159,14 @@ def to_x0(output, z, alpha, sigma, parameterization):
   raise ValueError(f"Unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}.")
 
 
+def network_x0(model, params, diffusion, as_x0, clip, **apply_kwargs):
+  """x0(z, t): the network's output at (z, t) read as x̂ by as_x0(out, z, α_t, σ_t), clipped to [−1, 1] if clip."""
+  def x0(z, t):
+    x = as_x0(model.apply({"params": params}, z, t, **apply_kwargs), z, *alpha_sigma(diffusion, t))
+    return jnp.clip(x, -1.0, 1.0) if clip else x
+  return x0
+
+
 def ddim_step(x0, z, alpha_from, sigma_from, alpha_to, sigma_to):
   """z_u = α_u x̂ + σ_u (z_s − α_s x̂)/σ_s: the deterministic DDIM step s → u (σ_s > 0; u may be the data)."""
   eps = (z - _rows(alpha_from, z) * x0) / _rows(sigma_from, z)
@@ -249,18 +257,12 @@ class RoundLoss:
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), images.shape[1:], images.dtype))(
         example_keys)
 
-    def x0_of(network_params, as_x0, clip, **apply_kwargs):
-      def x0(z, t):
-        out = model.apply({"params": network_params}, z, t, labels=labels, **apply_kwargs)
-        x = as_x0(out, z, *alpha_sigma(diffusion, t))
-        return jnp.clip(x, -1.0, 1.0) if clip else x
-      return x0
-
     def teacher_as_x0(out, z, alpha, sigma):  # the parameterization is an argument: one branch runs
       branches = [functools.partial(to_x0, parameterization=p) for p in PARAMETERIZATIONS]
       return jax.lax.switch(args.teacher_parameterization, branches, out, z, alpha, sigma)
 
-    teacher = x0_of(args.teacher_params, teacher_as_x0, self.clip_teacher, train=False)
-    student = x0_of(params, functools.partial(to_x0, parameterization=self.student), False, train=True,
-                    rngs={"dropout": dropout_rng})
+    teacher = network_x0(model, args.teacher_params, diffusion, teacher_as_x0, self.clip_teacher, labels=labels,
+                         train=False)
+    student = network_x0(model, params, diffusion, functools.partial(to_x0, parameterization=self.student), False,
+                         labels=labels, train=True, rngs={"dropout": dropout_rng})
     return jnp.mean(losses(student, teacher, diffusion, images, noise, step_index, args.points, args.midpoints))
