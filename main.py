@@ -57,6 +57,7 @@ def main(argv):
   from ddpm_jax import checkpointing
   from ddpm_jax import cluster
   from ddpm_jax import distillation
+  from ddpm_jax import recorded_config
   # pylint: enable=g-import-not-at-top
   mode = importlib.import_module(f"ddpm_jax.modes.{_MODULES.get(FLAGS.mode, FLAGS.mode)}")
   cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
@@ -65,9 +66,11 @@ def main(argv):
                jax.process_count(), jax.local_devices(), jax.device_count())
   logging.info("Config:\n%s", FLAGS.config)
   config = FLAGS.config
-  if FLAGS.mode in ("sample", "eval", "sweep", "edit"):  # sampling.checkpoint = 'distill/<steps>': that round's student
-    config, workdir = distillation.student_run(config, workdir)
   try:
+    if FLAGS.mode != "train":  # params read as they were trained (training checks its own resume)
+      recorded_config.check_readable(config, workdir)
+    if FLAGS.mode in ("sample", "eval", "sweep", "edit"):  # sampling.checkpoint='distill/<steps>': that round's student
+      config, workdir = distillation.student_run(config, workdir)
     if FLAGS.mode == "train":
       mode.train_and_evaluate(config, workdir)
     elif FLAGS.mode in ("sample", "edit"):

@@ -34,6 +34,7 @@ from ddpm_jax import fileio
 from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax import pretrained
+from ddpm_jax import recorded_config
 from ddpm_jax import sampling
 from ddpm_jax import trained_params
 from ddpm_jax.evaluation import fid
@@ -72,6 +73,8 @@ THEIRS = {
     "deis": ("DEISMultistep", "DEISMultistepScheduler", {}),
     "euler": ("EulerDiscrete", "EulerDiscreteScheduler", {}),
 }
+# Our diffusion.model_mean_type as diffusers' schedulers' prediction_type.
+DIFFUSERS_PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "xstart": "sample"}
 TINY_OURS, TINY_THEIRS = ("analytic", "dpm2"), ("ddpm", "dpm2m")
 GOAL_RATIO = 1.5  # our best at 20 passes against the 1000-step ancestral FID
 
@@ -173,8 +176,11 @@ def make_scheduler(config, cls_name, settings):
   d = config.diffusion
   if d.beta_schedule != "linear":
     raise ValueError(f"only the linear schedule is set up for diffusers here, got {d.beta_schedule!r}.")
+  if d.model_mean_type not in DIFFUSERS_PREDICTION_TYPE:
+    raise ValueError(f"diffusers' schedulers cannot read a {d.model_mean_type!r} model; run --theirs='' for ours only.")
   return getattr(diffusers, cls_name)(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
-                                      beta_end=d.beta_end, beta_schedule="linear", **settings)
+                                      beta_end=d.beta_end, beta_schedule="linear",
+                                      prediction_type=DIFFUSERS_PREDICTION_TYPE[d.model_mean_type], **settings)
 
 
 class Scorer:
@@ -320,6 +326,7 @@ def main(argv=None):
     if not args.workdir:
       parser.error("--workdir (a trained run) is required without --tiny")
     config, workdir = load_config(args.config), args.workdir
+    recorded_config.check_readable(config, workdir)
   budgets = sorted({int(b) for b in args.budgets.split(",")})
   ours_names, theirs_names = args.ours.split(",") if args.ours else [], args.theirs.split(",") if args.theirs else []
   for name in ours_names:

@@ -28,6 +28,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import images  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import recorded_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import trained_params  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.evaluation import digits_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.modes import edit  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -132,6 +133,7 @@ def main(argv=None):
     args.num, args.batch, args.steps, args.jumps, args.jump_length = 8, 8, 4, 2, 2
   else:
     config = bench_fast_samplers.load_config(args.config)
+    recorded_config.check_readable(config, args.workdir)
   config.edit.num_steps, config.edit.jumps, config.edit.jump_length = args.steps, args.jumps, args.jump_length
   config.sampling.batch_size = args.batch
   model, params, step = trained_params.load(config, args.workdir)

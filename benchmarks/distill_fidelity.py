@@ -28,6 +28,7 @@ import numpy as np
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import distillation
 from ddpm_jax import input_pipeline
+from ddpm_jax import recorded_config
 from ddpm_jax import sampling
 from ddpm_jax import trained_params
 
@@ -120,6 +121,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   from bench_fast_samplers import load_config  # pylint: disable=g-import-not-at-top
   config = load_config(args.config)
+  recorded_config.check_readable(config, args.workdir)
   rows = fidelity_rows(config, args.workdir, args.num_samples, args.batch_size)
   print(f"{args.num_samples} samples from the same x_T; RMSE in [-1, 1] pixels to the first teacher's samples")
   print(f"| sampler | network passes | RMSE to the first teacher | median per sample | share further than {FAR} |")

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from ddpm_jax import recorded_config
 from ddpm_jax.modes import train
 from conftest import REPO, TINY_FLAGS, assert_trees_equal, one_device_env, tiny_config
 import unwritable_checkpoints_worker
@@ -41,6 +42,30 @@ def test_restart_with_a_different_model_is_refused_and_nothing_is_touched(tmp_pa
   restored = train.train_and_evaluate(config, str(tmp_path))
   assert int(restored.step) == 2
   assert_trees_equal(restored.params, trained.params)
+
+
+def test_params_are_read_only_with_the_settings_they_were_trained_with(tmp_path):
+  # A checkpoint does not say what its network predicts: a v-model sampled as an ε-model (or on another noise
+  # schedule) would give noise without an error.
+  train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+  before = sorted(glob.glob(str(tmp_path / "**"), recursive=True))
+  config = tiny_config()
+  config.diffusion.model_mean_type, config.diffusion.beta_end = "v", 0.03
+  with pytest.raises(ValueError, match=r"diffusion.beta_end: 0.02 -> 0.03; diffusion.model_mean_type: 'eps' -> 'v'"):
+    recorded_config.check_readable(config, str(tmp_path))
+  # Free to differ: the fixed variance the chain samples with (the paper samples one model with either), how the
+  # network is computed, and what training alone uses.
+  config = tiny_config()
+  config.diffusion.model_var_type = "fixedsmall" if config.diffusion.model_var_type == "fixedlarge" else "fixedlarge"
+  config.model.dtype, config.model.dropout, config.training.batch_size = "bfloat16", 0.3, 64
+  recorded_config.check_readable(config, str(tmp_path))
+  cmd = [sys.executable, "main.py", *TINY_FLAGS, f"--workdir={tmp_path}", "--mode=sample",
+         "--config.diffusion.model_mean_type=v"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=one_device_env())
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "diffusion.model_mean_type: 'eps' -> 'v'" in last and "--config.diffusion.model_mean_type=eps" in last, last
+  assert sorted(glob.glob(str(tmp_path / "**"), recursive=True)) == before
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):

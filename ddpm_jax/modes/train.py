@@ -1,6 +1,5 @@
 """Training: the loop (`train_and_evaluate`) around train_step.py's pmapped step — data, checkpoints, preemption,
 sample grids, FID monitoring and metric writers."""
-import json
 import logging
 import os
 
@@ -17,6 +16,7 @@ from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax.preemption import GracefulStop
 from ddpm_jax import progress
+from ddpm_jax import recorded_config
 from ddpm_jax import sampling
 from ddpm_jax import tensorflow_cpu
 from ddpm_jax import train_step
@@ -49,27 +49,13 @@ def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step
     logging.info("Wrote %s", path)
 
 
-# Fields that fix the shapes and meaning of a checkpoint: a restart must not change them.
-_FIXED_FIELDS = ("model", "diffusion", "data.image_size", "data.channels", "training.batch_size")
-# …except these, which change how the same params are computed or trained, not what they are: a resumed run may
-# switch them (and a workdir older than one of them resumes).
-_FREE_FIELDS = ("model.dtype", "model.remat", "model.conv_impl", "model.dropout")
-# Fixed fields added after runs were made: an older workdir's config.json lacks them, and its run had these values.
-_ADDED_FIXED_FIELDS = {"model.num_classes": 0, "model.class_dropout": 0.0}
-
-
 def check_workdir_config(config, workdir):
   """Refuses to resume workdir with a config whose model, diffusion or data shape differ; records the config."""
-  path = os.path.join(workdir, "config.json")
-  new = flax.traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
-  if fileio.exists(path):
-    old = {**_ADDED_FIXED_FIELDS, **flax.traverse_util.flatten_dict(json.loads(fileio.read_text(path)), sep=".")}
-    fixed = lambda k: any(k == f or k.startswith(f + ".") for f in _FIXED_FIELDS) and k not in _FREE_FIELDS
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if fixed(k) and old.get(k) != new.get(k)]
-    if diff:
-      raise ValueError(f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); use the same "
-                       "settings to resume it, or a new --workdir.")
+  diff = recorded_config.differences(config, workdir, recorded_config.TRAINING_FIELDS)
+  if diff:
+    raise ValueError(f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); use the same "
+                     "settings to resume it, or a new --workdir.")
+  path = os.path.join(workdir, recorded_config.FILENAME)
   if jax.process_index() == 0:
     try:
       fileio.write_text(path, config.to_json_best_effort(indent=2))

@@ -1,0 +1,59 @@
+"""The config a workdir's run recorded (WORKDIR/config.json), compared with the config of a run that resumes it or
+reads its params.
+
+A checkpoint does not say what its params mean: the same tree is an ε-, an x_0- or a v-network, for any noise
+schedule. Training records its config and refuses to resume with a different one; sampling, evaluation, editing
+and distillation read params with the same comparison over the fields that decide what the network computes, so
+that a v-model sampled as an ε-model is a one-line error, not a page of noise.
+"""
+import json
+import os
+
+import flax
+
+from ddpm_jax import fileio
+
+FILENAME = "config.json"
+# Fields that fix the shapes and meaning of a checkpoint: a resumed training run must not change them.
+TRAINING_FIELDS = ("model", "diffusion", "data.image_size", "data.channels", "training.batch_size")
+# What a run that only reads the params must agree on. Not model_var_type: the paper samples one ε-model with either
+# fixed variance (a learned one changes the output's shape, which the restore checks); not the loss or batch size.
+READING_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.num_timesteps", "diffusion.beta_schedule",
+                  "diffusion.beta_start", "diffusion.beta_end", "diffusion.model_mean_type")
+# …except these, which change how the same params are computed or trained, not what they are: a resumed run may
+# switch them (and a workdir older than one of them resumes).
+FREE_FIELDS = ("model.dtype", "model.remat", "model.conv_impl", "model.dropout")
+# Fixed fields added after runs were made: an older workdir's config.json lacks them, and its run had these values.
+ADDED_FIELDS = {"model.num_classes": 0, "model.class_dropout": 0.0}
+
+
+def _flat(config_json):
+  return flax.traverse_util.flatten_dict(json.loads(config_json), sep=".")
+
+
+def differences(config, workdir, fields):
+  """['field: recorded -> given', …] over `fields` (and their sub-fields) between workdir's recorded config and
+  `config`; [] if workdir recorded none (a new run, or converted weights)."""
+  path = os.path.join(workdir, FILENAME)
+  if not fileio.exists(path):
+    return []
+  old = {**ADDED_FIELDS, **_flat(fileio.read_text(path))}
+  new = _flat(config.to_json_best_effort())
+  checked = lambda k: any(k == f or k.startswith(f + ".") for f in fields) and k not in FREE_FIELDS
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+          if checked(k) and old.get(k) != new.get(k)]
+
+
+def check_readable(config, workdir):
+  """Raises a one-line ValueError if workdir's params were trained with a config that reads them differently."""
+  diff = differences(config, workdir, READING_FIELDS)
+  if diff:
+    flags = " ".join(f"--config.{d.split(':')[0]}={_flat_value(d)}" for d in diff)
+    raise ValueError(f"workdir {workdir} was trained with another config ({'; '.join(diff)}); read it with the "
+                     f"settings it was trained with (main.py: {flags}).")
+
+
+def _flat_value(line):
+  """The recorded value of a 'field: recorded -> given' line, as a flag value."""
+  recorded = line.split(": ", 1)[1].split(" -> ")[0]
+  return recorded.strip("'")
