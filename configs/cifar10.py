@@ -119,6 +119,9 @@ def get_config():
   # Train steps of the first round (ε-teacher → v-student, where most quality is lost); 0 = steps_per_round. Its EMA
   # decay is ema_decay ** (steps_per_round / first_round_steps): the same share of the teacher left at its end.
   distill.first_round_steps = 0
+  # Train steps of the last round (where a v-teacher's students lose the most); 0 = steps_per_round. Its EMA decay is
+  # scaled the same way.
+  distill.last_round_steps = 0
   distill.lr = 1e-4  # Adam's learning rate in each round (after optim.warmup_steps; the rest of config.optim).
   # 'linear': each round's lr falls from distill.lr to 0 at its last step (the authors' released setup); 'constant'.
   distill.lr_schedule = "linear"

@@ -217,6 +217,7 @@ def field_rules():
       "distill.end_steps": integer(1),
       "distill.steps_per_round": integer(1),
       "distill.first_round_steps": integer(0, meaning="0 = distill.steps_per_round"),
+      "distill.last_round_steps": integer(0, meaning="0 = distill.steps_per_round"),
       "distill.lr": number(0, lo_open=True),
       "distill.lr_schedule": one_of(("linear", "constant")),
       "distill.dropout": number(0, 1, hi_open=True, meaning="0 = none"),
@@ -440,7 +441,7 @@ def _check_distill(config):
     _fail("distill.start_steps", d.start_steps, f"more than the diffusion's T = {config.diffusion.num_timesteps}",
           f"at most {config.diffusion.num_timesteps}")
   warmup = _get(config, "optim.warmup_steps", 0)
-  for name in ("steps_per_round", "first_round_steps"):
+  for name in ("steps_per_round", "first_round_steps", "last_round_steps"):
     if d.lr_schedule == "linear" and 0 < d[name] <= warmup:
       _fail(f"distill.{name}", d[name], f"a round no longer than optim.warmup_steps = {warmup}, after which its lr "
             "falls to 0", f"more than {warmup} steps, or distill.lr_schedule 'constant'")

@@ -59,10 +59,15 @@ def _first_round(config, steps):
 
 def round_train_steps(config, steps):
   """Train steps of the round whose student takes `steps` steps: distill.first_round_steps for the first round (the
-  one that turns the trained ε- or x-network into a v-student, where most of the quality is lost; 0 = like the others),
-  distill.steps_per_round for every other."""
+  one that turns a trained ε- or x-network into a v-student, where an ε-teacher's students lose the most),
+  distill.last_round_steps for the last (where a v-teacher's do), distill.steps_per_round for every other; 0 = like
+  the others. A single round is the first."""
   d = config.distill
-  return d.first_round_steps if _first_round(config, steps) and d.first_round_steps else d.steps_per_round
+  if _first_round(config, steps) and d.first_round_steps:
+    return d.first_round_steps
+  if steps == d.end_steps and not _first_round(config, steps) and d.last_round_steps:
+    return d.last_round_steps
+  return d.steps_per_round
 
 
 def student_parameterization(config, steps):

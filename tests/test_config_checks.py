@@ -29,6 +29,7 @@ MEANINGFUL = {
     "optim.ema_decay": (0,),  # no averaging: the EMA params are the params
     "distill.ema_decay": (0,),  # the same for the distilled students
     "distill.first_round_steps": (0,),  # the first round as long as the others
+    "distill.last_round_steps": (0,),  # the last round as long as the others
     "distill.dropout": (0,),  # students without dropout (the default, as the authors trained theirs)
     "training.log_every_steps": (0,),  # metrics only with each checkpoint
     "training.checkpoint_every_steps": (0,),  # checkpoints only at the end and on preemption
@@ -197,6 +198,7 @@ def learned(config, **sampling):
     ("distill", dict(distill=dict(steps_per_round=100)), "distill.steps_per_round = 100: a round no longer than "
      "optim.warmup_steps = 100"),
     ("distill", dict(distill=dict(first_round_steps=50)), "distill.first_round_steps = 50: a round no longer"),
+    ("distill", dict(distill=dict(last_round_steps=50)), "distill.last_round_steps = 50: a round no longer"),
     ("train", dict(diffusion=dict(loss_type="hybrid")), "diffusion.loss_type = 'hybrid': needs a learned variance"),
     ("train", dict(diffusion=dict(model_var_type="learned")), "diffusion.loss_type = 'mse': L_simple cannot train"),
     ("train", dict(model=dict(ch=16)), "model.ch × ch_mult gives [16] channels, not divisible by GroupNorm"),

@@ -125,6 +125,21 @@ def test_the_first_round_may_be_longer_and_keeps_the_same_share_of_its_teacher_i
   assert distillation.round_config(config, 32).training.num_train_steps == 1000
 
 
+def test_the_last_round_may_be_longer_and_a_single_round_is_the_first():
+  config = digits.get_config()  # rounds of 32, 16, 8, 4 and 2 steps
+  config.distill.first_round_steps, config.distill.last_round_steps = 3000, 4000
+  config_checks.validate(config, "distill")
+  lengths = {n: distillation.round_config(config, n).training.num_train_steps for n in (32, 16, 8, 4, 2)}
+  assert lengths == {32: 3000, 16: 1000, 8: 1000, 4: 1000, 2: 4000}
+  last = distillation.round_config(config, 2)
+  assert last.optim.ema_decay ** 4000 == pytest.approx(0.995 ** 1000, rel=1e-9)
+  assert last.optim.lr_anneal_steps == 4000
+  config.distill.start_steps = 4  # one round, 4 → 2: the first round's length wins
+  assert distillation.round_config(config, 2).training.num_train_steps == 3000
+  config.distill.first_round_steps = 0
+  assert distillation.round_config(config, 2).training.num_train_steps == 1000
+
+
 def test_each_round_anneals_its_lr_to_zero_and_trains_its_student_without_dropout():
   config = digits_long.get_config()  # a teacher trained with dropout 0.1
   config.distill.first_round_steps = 4000
