@@ -32,7 +32,7 @@ def _flat(config_json):
 
 
 def differences(config, workdir, fields):
-  """['field: recorded -> given', …] over `fields` (and their sub-fields) between workdir's recorded config and
+  """[(field, recorded, given), …] over `fields` (and their sub-fields) between workdir's recorded config and
   `config`; [] if workdir recorded none (a new run, or converted weights)."""
   path = os.path.join(workdir, FILENAME)
   if not fileio.exists(path):
@@ -40,20 +40,18 @@ def differences(config, workdir, fields):
   old = {**ADDED_FIELDS, **_flat(fileio.read_text(path))}
   new = _flat(config.to_json_best_effort())
   checked = lambda k: any(k == f or k.startswith(f + ".") for f in fields) and k not in FREE_FIELDS
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-          if checked(k) and old.get(k) != new.get(k)]
+  return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if checked(k) and old.get(k) != new.get(k)]
+
+
+def describe(diff):
+  """'field: recorded -> given; …' of differences()."""
+  return "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff)
 
 
 def check_readable(config, workdir):
   """Raises a one-line ValueError if workdir's params were trained with a config that reads them differently."""
   diff = differences(config, workdir, READING_FIELDS)
   if diff:
-    flags = " ".join(f"--config.{d.split(':')[0]}={_flat_value(d)}" for d in diff)
-    raise ValueError(f"workdir {workdir} was trained with another config ({'; '.join(diff)}); read it with the "
+    flags = " ".join(f"--config.{k}={old}" for k, old, _ in diff)
+    raise ValueError(f"workdir {workdir} was trained with another config ({describe(diff)}); read it with the "
                      f"settings it was trained with (main.py: {flags}).")
-
-
-def _flat_value(line):
-  """The recorded value of a 'field: recorded -> given' line, as a flag value."""
-  recorded = line.split(": ", 1)[1].split(" -> ")[0]
-  return recorded.strip("'")

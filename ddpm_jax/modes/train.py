@@ -53,8 +53,8 @@ def check_workdir_config(config, workdir):
   """Refuses to resume workdir with a config whose model, diffusion or data shape differ; records the config."""
   diff = recorded_config.differences(config, workdir, recorded_config.TRAINING_FIELDS)
   if diff:
-    raise ValueError(f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); use the same "
-                     "settings to resume it, or a new --workdir.")
+    raise ValueError(f"workdir {workdir} holds a run with a different config ({recorded_config.describe(diff)}); "
+                     "use the same settings to resume it, or a new --workdir.")
   path = os.path.join(workdir, recorded_config.FILENAME)
   if jax.process_index() == 0:
     try:
