@@ -133,6 +133,10 @@ def main(argv=None):
     args.num, args.batch, args.steps, args.jumps, args.jump_length = 8, 8, 4, 2, 2
   else:
     config = bench_fast_samplers.load_config(args.config)
+    if not args.no_diffusers and config.diffusion.model_mean_type != "eps":
+      # RePaintScheduler reads every model output as ε: a v- or x-model would give noise, silently.
+      parser.error(f"diffusers' RePaintScheduler reads only ε-models and {args.config} predicts "
+                   f"{config.diffusion.model_mean_type!r}; add --no_diffusers to run ours alone.")
     recorded_config.check_readable(config, args.workdir)
   config.edit.num_steps, config.edit.jumps, config.edit.jump_length = args.steps, args.jumps, args.jump_length
   config.sampling.batch_size = args.batch

@@ -52,3 +52,13 @@ def test_bench_inpainting_tiny(tmp_path):
     assert float(accuracy.rstrip("%")) >= float(rows["masked inputs"][0].rstrip("%"))
   assert saved["known_pixels_alone"]["logistic regression"][0] == pytest.approx(
       float(known["logistic regression"][0].rstrip("%")) / 100, abs=5e-4)
+
+
+def test_bench_inpainting_refuses_to_read_a_v_model_with_diffusers(tmp_path, capsys):
+  """diffusers' RePaintScheduler reads every output as ε: on a v-model it must say so, not inpaint noise."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import bench_inpainting  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit):
+    bench_inpainting.main([f"--config={os.path.join(REPO, 'configs', 'digits_distill.py')}", f"--workdir={tmp_path}"])
+  message = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "RePaintScheduler reads only ε-models" in message and "'v'" in message and "--no_diffusers" in message
