@@ -1,6 +1,6 @@
 """Fast samplers on a trained model: our compiled solvers against diffusers' schedulers on the same weights.
 
-  python benchmarks/bench_fast_samplers.py --config=configs/digits.py --workdir=runs/digits
+  python benchmarks/bench_fast_samplers.py --config=configs/digits.py --workdir=runs/digits [--config.<field>=<value>]
   python benchmarks/bench_fast_samplers.py --tiny   # a 2-step model trained here: the logic only, in seconds
 
 The EMA params of the workdir are loaded once and exported to a diffusers UNet2DModel (pretrained.params_to_diffusers,
@@ -15,7 +15,6 @@ Each set's FID and time are cached in WORKDIR/eval/bench_fast_samplers_step_N.js
 """
 import argparse
 import functools
-import importlib.util
 import inspect
 import json
 import os
@@ -34,7 +33,6 @@ from ddpm_jax import fileio
 from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax import pretrained
-from ddpm_jax import recorded_config
 from ddpm_jax import sampling
 from ddpm_jax import trained_params
 from ddpm_jax.evaluation import fid
@@ -79,18 +77,11 @@ TINY_OURS, TINY_THEIRS = ("analytic", "dpm2"), ("ddpm", "dpm2m")
 GOAL_RATIO = 1.5  # our best at 20 passes against the 1000-step ancestral FID
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def tiny_run(tmp, fid_reference=True):
   """(config, workdir) of a tiny digits model trained here for 2 steps, T = 100; with fid_reference, FID against 16
   real digits (a stats file written here)."""
   from ddpm_jax.modes import train  # pylint: disable=g-import-not-at-top
-  config = load_config(os.path.join(common.REPO, "configs", "digits.py"))
+  config = common.load_config(os.path.join(common.REPO, "configs", "digits.py"))
   config.diffusion.num_timesteps = 100
   config.data.image_size = 8
   config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)
@@ -312,7 +303,7 @@ def main(argv=None):
   parser.add_argument("--cached_only", action="store_true",
                       help="measure nothing: the table of what the cache holds (e.g. after an interrupted run)")
   parser.add_argument("--tiny", action="store_true", help="a 2-step model trained here, 16 samples, budgets 5, 10")
-  args = parser.parse_args(argv)
+  args, overrides = common.parse_args_and_config_overrides(parser, argv)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   start = time.perf_counter()
@@ -325,8 +316,8 @@ def main(argv=None):
   else:
     if not args.workdir:
       parser.error("--workdir (a trained run) is required without --tiny")
-    config, workdir = load_config(args.config), args.workdir
-    recorded_config.check_readable(config, workdir)
+    config, workdir = common.load_config(args.config, overrides), args.workdir
+    common.check_readable(parser, config, workdir)
   budgets = sorted({int(b) for b in args.budgets.split(",")})
   ours_names, theirs_names = args.ours.split(",") if args.ours else [], args.theirs.split(",") if args.theirs else []
   for name in ours_names:

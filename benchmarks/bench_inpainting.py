@@ -2,6 +2,7 @@
 same weights, the same held-out digits and the same masks, judged by the demo's classifier of the real digits.
 
   python benchmarks/bench_inpainting.py --workdir=runs/digits [--num=200 --mask=half --steps=250 --jumps=10]
+                                       [--config=configs/digits.py --config.<field>=<value>]
   python benchmarks/bench_inpainting.py --tiny   # a 2-step model trained here, 8 digits, 4 steps: the logic only
 
 The digits are the classifier's held-out ones (evaluation/digits_quality.py), so its reading of an inpainted digit
@@ -20,15 +21,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position  # puts the repository on sys.path
-del common
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position  # also puts the repository on sys.path
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import images  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import recorded_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import trained_params  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.evaluation import digits_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.modes import edit  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -125,19 +124,19 @@ def main(argv=None):
   parser.add_argument("--no_diffusers", action="store_true")
   parser.add_argument("--out", default="", help="write the numbers to OUT.json and a sheet of 16 digits to OUT.png")
   parser.add_argument("--tiny", action="store_true", help="a 2-step model trained here, 8 digits, 4 steps, 2 jumps")
-  args = parser.parse_args(argv)
+  args, overrides = common.parse_args_and_config_overrides(parser, argv)
 
   if args.tiny:
     tmp = tempfile.TemporaryDirectory(prefix="bench_inpainting_")
     config, args.workdir = bench_fast_samplers.tiny_run(tmp.name, fid_reference=False)
     args.num, args.batch, args.steps, args.jumps, args.jump_length = 8, 8, 4, 2, 2
   else:
-    config = bench_fast_samplers.load_config(args.config)
+    config = common.load_config(args.config, overrides)
     if not args.no_diffusers and config.diffusion.model_mean_type != "eps":
       # RePaintScheduler reads every model output as ε: a v- or x-model would give noise, silently.
       parser.error(f"diffusers' RePaintScheduler reads only ε-models and {args.config} predicts "
                    f"{config.diffusion.model_mean_type!r}; add --no_diffusers to run ours alone.")
-    recorded_config.check_readable(config, args.workdir)
+    common.check_readable(parser, config, args.workdir)
   config.edit.num_steps, config.edit.jumps, config.edit.jump_length = args.steps, args.jumps, args.jump_length
   config.sampling.batch_size = args.batch
   model, params, step = trained_params.load(config, args.workdir)

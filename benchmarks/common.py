@@ -34,6 +34,40 @@ MODELS = {
 XLA_DEFAULT_OPTIONS = xla_cpu.compiler_options(xla_cpu.XLA_DEFAULT)
 
 
+def parse_args_and_config_overrides(parser, argv=None):
+  """(args, overrides): the parser's arguments, and the --config.<field>=<value> flags among argv for load_config,
+  so that a benchmark reads a workdir with the settings main.py was given for it (e.g. a v-model's
+  --config.diffusion.model_mean_type=v). Anything else the parser does not know is an error, as with parse_args."""
+  args, rest = parser.parse_known_args(argv)
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)} (besides this script's flags, only "
+                 "--config.<field>=<value> overrides of the config file)")
+  return args, rest
+
+
+def load_config(path, overrides=()):
+  """The config file's get_config() with --config.<field>=<value> overrides, parsed by ml_collections exactly as
+  main.py parses its flags (locked: a field the config lacks is an error)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = [sys.argv[0], f"--config={path}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", default=path, flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def check_readable(parser, config, workdir):
+  """A usage error of the script, in one line, if workdir's params were trained with settings that read them
+  differently from config's (a v-model read as an ε-model would give noise): recorded_config.check_readable."""
+  from ddpm_jax import recorded_config  # pylint: disable=g-import-not-at-top
+  try:
+    recorded_config.check_readable(config, workdir)
+  except ValueError as e:
+    parser.error(str(e))
+
+
 def add_common_flags(parser):
   parser.add_argument("--model", choices=sorted(MODELS), default="cifar10")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),

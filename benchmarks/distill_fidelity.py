@@ -1,6 +1,6 @@
 """How closely distilled students follow their first teacher, from the same noise.
 
-  python benchmarks/distill_fidelity.py --config=configs/digits_distill.py --workdir=runs/digits_distill
+  python benchmarks/distill_fidelity.py --config=configs/digits_distill.py --workdir=runs/digits_distill [--config.<field>=<value>]
 
 A student of n steps is trained to land where its teacher's 2n steps land, and that teacher on the same path as its
 own teacher, so perfect rounds would give every student the first teacher's samples: distill.start_steps clipped DDIM
@@ -19,7 +19,7 @@ import copy
 import functools
 import os
 
-import common  # pylint: disable=unused-import  # puts the repository on sys.path
+import common  # pylint: disable=g-bad-import-order  # also puts the repository on sys.path
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,6 @@ import numpy as np
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import distillation
 from ddpm_jax import input_pipeline
-from ddpm_jax import recorded_config
 from ddpm_jax import sampling
 from ddpm_jax import trained_params
 
@@ -118,10 +117,9 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--num_samples", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=128)
-  args = parser.parse_args(argv)
-  from bench_fast_samplers import load_config  # pylint: disable=g-import-not-at-top
-  config = load_config(args.config)
-  recorded_config.check_readable(config, args.workdir)
+  args, overrides = common.parse_args_and_config_overrides(parser, argv)
+  config = common.load_config(args.config, overrides)
+  common.check_readable(parser, config, args.workdir)
   rows = fidelity_rows(config, args.workdir, args.num_samples, args.batch_size)
   print(f"{args.num_samples} samples from the same x_T; RMSE in [-1, 1] pixels to the first teacher's samples")
   print(f"| sampler | network passes | RMSE to the first teacher | median per sample | share further than {FAR} |")

@@ -54,4 +54,4 @@ def check_readable(config, workdir):
   if diff:
     flags = " ".join(f"--config.{k}={old}" for k, old, _ in diff)
     raise ValueError(f"workdir {workdir} was trained with another config ({describe(diff)}); read it with the "
-                     f"settings it was trained with (main.py: {flags}).")
+                     f"settings it was trained with: add {flags}.")

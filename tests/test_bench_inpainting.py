@@ -62,3 +62,9 @@ def test_bench_inpainting_refuses_to_read_a_v_model_with_diffusers(tmp_path, cap
     bench_inpainting.main([f"--config={os.path.join(REPO, 'configs', 'digits_distill.py')}", f"--workdir={tmp_path}"])
   message = capsys.readouterr().err.strip().splitlines()[-1]
   assert "RePaintScheduler reads only ε-models" in message and "'v'" in message and "--no_diffusers" in message
+  # The same refusal when an override makes the ε-config's model a v-model: the override reaches the config.
+  with pytest.raises(SystemExit):
+    bench_inpainting.main([f"--config={os.path.join(REPO, 'configs', 'digits.py')}",
+                           "--config.diffusion.model_mean_type=v", f"--workdir={tmp_path}"])
+  message = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "RePaintScheduler reads only ε-models" in message and "'v'" in message

@@ -136,6 +136,31 @@ def test_benchmarks_compile_each_model_as_main_py_does():
   assert common.main_py_options("tiny") is None
 
 
+def test_benchmarks_read_config_overrides_as_main_py_does():
+  """--config.<field>=<value> after a benchmark's --config reaches the config it loads, parsed by ml_collections as
+  main.py's are; a field the config lacks and any other unknown argument are errors."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import argparse  # pylint: disable=g-import-not-at-top
+  import common  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "configs", "digits.py")
+  plain = common.load_config(path)
+  config = common.load_config(path, ["--config.diffusion.model_mean_type=v", "--config.model.ch_mult=(1,2)",
+                                     "--config.sampling.eta=0.5"])
+  assert plain.diffusion.model_mean_type == "eps" and config.diffusion.model_mean_type == "v"
+  assert tuple(config.model.ch_mult) == (1, 2) and config.sampling.eta == 0.5
+  assert config.training.num_train_steps == plain.training.num_train_steps  # the rest as the file says
+  with pytest.raises(Exception, match="no_such_field"):
+    common.load_config(path, ["--config.model.no_such_field=1"])
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--config")
+  args, overrides = common.parse_args_and_config_overrides(parser, [f"--config={path}", "--config.seed=3"])
+  assert args.config == path and overrides == ["--config.seed=3"]
+  assert common.load_config(args.config, overrides).seed == 3
+  with pytest.raises(SystemExit):
+    common.parse_args_and_config_overrides(parser, [f"--config={path}", "--seed=3"])
+
+
 def test_conv_impl_shapes_flag_reads_batch_side_in_out():
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import argparse  # pylint: disable=g-import-not-at-top
