@@ -10,6 +10,7 @@ import json
 import os
 
 import flax
+import ml_collections
 
 from ddpm_jax import fileio
 
@@ -31,13 +32,33 @@ def _flat(config_json):
   return flax.traverse_util.flatten_dict(json.loads(config_json), sep=".")
 
 
+def _round_student_mean_type(workdir, recorded_json):
+  """The model_mean_type a distillation round's student is read with, if workdir is a round's directory
+  (WORKDIR/distill/<steps>), else None. A round records its run's config, whose diffusion.model_mean_type is the
+  first teacher's; its student predicts what distill's parameterization made it."""
+  from ddpm_jax import distillation  # pylint: disable=g-import-not-at-top  # JAX and the model: only for rounds
+  parent, steps = os.path.split(os.path.normpath(workdir))
+  if os.path.basename(parent) != "distill" or not steps.isdigit():
+    return None
+  recorded = ml_collections.ConfigDict(json.loads(recorded_json))
+  start = recorded.get("distill", {}).get("start_steps", 0)
+  if not 0 < int(steps) < start or start % int(steps):
+    return None
+  return distillation.STUDENT_MEAN_TYPE[distillation.student_parameterization(recorded, int(steps))]
+
+
 def differences(config, workdir, fields):
   """[(field, recorded, given), …] over `fields` (and their sub-fields) between workdir's recorded config and
-  `config`; [] if workdir recorded none (a new run, or converted weights)."""
+  `config`; [] if workdir recorded none (a new run, or converted weights). For a distillation round's directory
+  the recorded mean type is its student's when the fields are READING_FIELDS (what reading the params needs)."""
   path = os.path.join(workdir, FILENAME)
   if not fileio.exists(path):
     return []
-  old = {**ADDED_FIELDS, **_flat(fileio.read_text(path))}
+  text = fileio.read_text(path)
+  old = {**ADDED_FIELDS, **_flat(text)}
+  student_mean_type = _round_student_mean_type(workdir, text) if fields == READING_FIELDS else None
+  if student_mean_type:
+    old["diffusion.model_mean_type"] = student_mean_type
   new = _flat(config.to_json_best_effort())
   checked = lambda k: any(k == f or k.startswith(f + ".") for f in fields) and k not in FREE_FIELDS
   return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if checked(k) and old.get(k) != new.get(k)]

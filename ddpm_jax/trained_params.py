@@ -14,11 +14,15 @@ from ddpm_jax import convert
 from ddpm_jax import fid_monitor
 from ddpm_jax import fileio
 from ddpm_jax import images
+from ddpm_jax import recorded_config
 from ddpm_jax import train_step
 
 def load(config, workdir):
   """(model, EMA params, step) of config.sampling.checkpoint in workdir; converted weights (step 0) from
-  config.restore_from if workdir has no checkpoint. One-line error if there is nothing to load."""
+  config.restore_from if workdir has no checkpoint. One-line error if there is nothing to load, or if workdir's run
+  recorded settings that read its params differently (recorded_config.check_readable: a v-model read as an ε-model
+  would sample noise)."""
+  recorded_config.check_readable(config, workdir)
   model = train_step.create_model(config)
   tx, _ = train_step.create_optimizer(config.optim)
   abstract = jax.eval_shape(lambda: train_step.create_train_state(jax.random.PRNGKey(0), model, tx,

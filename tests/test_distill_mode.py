@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import REPO, assert_trees_equal, tiny_config
 from ddpm_jax import config_checks
@@ -14,6 +15,7 @@ from ddpm_jax import diffusion as dlib
 from ddpm_jax import distillation
 from ddpm_jax import images
 from ddpm_jax import train_step
+from ddpm_jax import trained_params
 from ddpm_jax.evaluation import samples
 from ddpm_jax.modes import distill
 from ddpm_jax.modes import sample as sample_mode
@@ -70,6 +72,11 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   config.sampling.checkpoint = "distill/1"
   config_checks.validate(config, "sample")
   student_config, student_dir = distillation.student_run(config, str(tmp_path))
+  # The round records its run's config (the ε-teacher's mean type); its student is read as the v-model it is, and
+  # reading it as its teacher's ε-model is refused.
+  assert (config.diffusion.model_mean_type, student_config.diffusion.model_mean_type) == ("eps", "v")
+  with pytest.raises(ValueError, match=r"diffusion.model_mean_type: 'v' -> 'eps'.*--config.diffusion.model_mean_type=v"):
+    trained_params.load(config, student_dir)
   out = sample_mode.run(student_config, student_dir)
   assert out.startswith(str(tmp_path / "distill" / "1" / "samples"))
   T = config.diffusion.num_timesteps

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import recorded_config
+from ddpm_jax import trained_params
 from ddpm_jax.modes import train
 from conftest import REPO, TINY_FLAGS, assert_trees_equal, one_device_env, tiny_config
 import unwritable_checkpoints_worker
@@ -53,6 +54,8 @@ def test_params_are_read_only_with_the_settings_they_were_trained_with(tmp_path)
   config.diffusion.model_mean_type, config.diffusion.beta_end = "v", 0.03
   with pytest.raises(ValueError, match=r"diffusion.beta_end: 0.02 -> 0.03; diffusion.model_mean_type: 'eps' -> 'v'"):
     recorded_config.check_readable(config, str(tmp_path))
+  with pytest.raises(ValueError, match=r"diffusion.model_mean_type: 'eps' -> 'v'"):  # the library's loader, too
+    trained_params.load(config, str(tmp_path))
   # Free to differ: the fixed variance the chain samples with (the paper samples one model with either), how the
   # network is computed, and what training alone uses.
   config = tiny_config()
