@@ -27,12 +27,14 @@ import numpy as np
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import distillation
+from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax import sampling
 from ddpm_jax import trained_params
 
 
 FAR = 0.25  # per-sample RMSE beyond which a sample is another shape than the first teacher's, not a blur of it
+SHEET_COLUMNS = 16  # samples per row of the --out sheet
 
 
 def samples(config, workdir, num, batch, rng):
@@ -48,17 +50,20 @@ def samples(config, workdir, num, batch, rng):
   return np.concatenate([np.asarray(run(params, np.int32(first))) for first in range(0, num, batch)])[:num]
 
 
-def fidelity_rows(config, workdir, num, batch, seed=0):
+def fidelity_rows(config, workdir, num, batch, seed=0, shown=None):
   """[(sampler, network passes, RMSE to the first teacher's samples, median per-sample RMSE, share of samples
   further than FAR)]: the first teacher itself (0 by construction), the teacher's DDIM at each student's step count,
-  and every student found in workdir/distill/."""
+  and every student found in workdir/distill/. A dict `shown` receives each row's first SHEET_COLUMNS samples."""
   rng = jax.random.PRNGKey(seed)
   d = config.distill
 
   def of(checkpoint, steps):
     c = copy.deepcopy(config)
     c.sampling.checkpoint, c.sampling.num_steps = checkpoint, steps
-    return samples(c, workdir, num, batch, rng)
+    x = samples(c, workdir, num, batch, rng)
+    if shown is not None:
+      shown[checkpoint, steps] = x[:SHEET_COLUMNS]
+    return x
 
   first = of(config.sampling.checkpoint, d.start_steps)
 
@@ -117,10 +122,17 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--num_samples", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--out", default="", help="write OUT.png: the first 16 samples of each row, from the same x_T")
   args, overrides = common.parse_args_and_config_overrides(parser, argv)
   config = common.load_config(args.config, overrides)
   common.check_readable(parser, config, args.workdir)
-  rows = fidelity_rows(config, args.workdir, args.num_samples, args.batch_size)
+  shown = {}
+  rows = fidelity_rows(config, args.workdir, args.num_samples, args.batch_size, shown=shown)
+  if args.out:
+    # One row per table row, in its order (the first teacher, then each step count: the teacher's DDIM, the student).
+    sheet = images.make_grid(images.to_uint8(np.concatenate(list(shown.values()))), ncols=SHEET_COLUMNS)
+    images.save_png(f"{args.out}.png", sheet, upscale=max(1, 768 // sheet.shape[1]))
+    print(f"wrote {args.out}.png: rows {', '.join(name for name, *_ in rows)}")
   print(f"{args.num_samples} samples from the same x_T; RMSE in [-1, 1] pixels to the first teacher's samples")
   print(f"| sampler | network passes | RMSE to the first teacher | median per sample | share further than {FAR} |")
   print("|---|---|---|---|---|")

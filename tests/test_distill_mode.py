@@ -95,7 +95,10 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import distill_fidelity  # pylint: disable=g-import-not-at-top
   config.sampling.checkpoint = "latest"
-  rows = distill_fidelity.fidelity_rows(config, str(tmp_path), num=8, batch=8, seed=config.seed)
+  shown = {}  # the --out sheet's rows
+  rows = distill_fidelity.fidelity_rows(config, str(tmp_path), num=8, batch=8, seed=config.seed, shown=shown)
+  assert list(shown) == [("latest", 4), ("latest", 2), ("distill/2", 2), ("latest", 1), ("distill/1", 1)]
+  assert all(x.shape == (8, 8, 8, 1) for x in shown.values())
   assert [(row[0].split(":")[0], row[1]) for row in rows] == [
       ("the first teacher", 4), ("the teacher, 2 DDIM steps", 2), ("the 2-step student", 2),
       ("the teacher, 1 DDIM steps", 1), ("the 1-step student", 1)]
@@ -107,6 +110,8 @@ def test_two_rounds_run_and_resume_bit_exactly(tmp_path, caplog):
   v = train_step.create_model(config).apply({"params": students[1].ema_params}, x_T, t[:8])
   one_step = np.clip(np.sqrt(ac) * x_T - np.sqrt(1.0 - ac) * v, -1.0, 1.0)
   np.testing.assert_allclose(rows[-1][2], np.sqrt(np.mean(np.square(one_step - first))), rtol=1e-4)
+  np.testing.assert_array_equal(shown["latest", 4], first)  # the sheet's rows are the samples the table measured
+  np.testing.assert_allclose(shown["distill/1", 1], one_step, atol=1e-4)
   # Where round 1's student misses, step by step: its 2 steps land at t = round(k·100/2) − 1 (the 'trailing' grid).
   errors = distill_fidelity.step_errors(config, str(tmp_path), num=16, seed=config.seed)
   assert [(i, t) for i, t, _, _ in errors] == [(2, 99), (1, 49)]
