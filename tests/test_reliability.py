@@ -71,6 +71,28 @@ def test_params_are_read_only_with_the_settings_they_were_trained_with(tmp_path)
   assert sorted(glob.glob(str(tmp_path / "**"), recursive=True)) == before
 
 
+def test_a_round_directory_is_read_as_its_student_also_one_recorded_before_first_round_parameterization(tmp_path):
+  # A round's directory records its run's config, whose mean type is the first teacher's (eps here): its student is
+  # read as the v-model distill.parameterization made it, also where the round ran before
+  # distill.first_round_parameterization existed and its record lacks the field.
+  recorded = json.loads(tiny_config().to_json_best_effort())
+  recorded["distill"].update(start_steps=4, end_steps=1, parameterization="v")
+  del recorded["distill"]["first_round_parameterization"]
+  round_dir = tmp_path / "distill" / "2"
+  round_dir.mkdir(parents=True)
+  (round_dir / recorded_config.FILENAME).write_text(json.dumps(recorded))
+  student = tiny_config()
+  student.diffusion.model_mean_type = "v"
+  recorded_config.check_readable(student, str(round_dir))
+  with pytest.raises(ValueError, match=r"diffusion.model_mean_type: 'v' -> 'eps'"):
+    recorded_config.check_readable(tiny_config(), str(round_dir))
+  # Not a round of this distillation (no 3-step student halves 4 steps): the record is compared as it is.
+  other = tmp_path / "distill" / "3"
+  other.mkdir()
+  (other / recorded_config.FILENAME).write_text(json.dumps(recorded))
+  recorded_config.check_readable(tiny_config(), str(other))
+
+
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
   straight = train.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path / "straight"))
   work = tmp_path / "torn"
