@@ -24,41 +24,48 @@ READING_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.num_ti
 # …except these, which change how the same params are computed or trained, not what they are: a resumed run may
 # switch them (and a workdir older than one of them resumes).
 FREE_FIELDS = ("model.dtype", "model.remat", "model.conv_impl", "model.dropout")
+# A distillation round's directory (WORKDIR/distill/<steps>) records its run's config: the trained model's, whose
+# diffusion.model_mean_type is the first teacher's, with its distill fields. Resuming a round must also keep its
+# grid and what its student predicts; reading the round's params takes the student's mean type (student_mean_type).
+ROUND_FIELDS = ("distill.start_steps", "distill.parameterization", "distill.first_round_parameterization")
 # Fixed fields added after runs were made: an older workdir's config.json lacks them, and its run had these values.
-ADDED_FIELDS = {"model.num_classes": 0, "model.class_dropout": 0.0}
+ADDED_FIELDS = {"model.num_classes": 0, "model.class_dropout": 0.0, "distill.first_round_parameterization": ""}
 
 
 def _flat(config_json):
   return flax.traverse_util.flatten_dict(json.loads(config_json), sep=".")
 
 
-def _round_student_mean_type(workdir, recorded_json):
-  """The model_mean_type a distillation round's student is read with, if workdir is a round's directory
-  (WORKDIR/distill/<steps>), else None. A round records its run's config, whose diffusion.model_mean_type is the
-  first teacher's; its student predicts what distill's parameterization made it."""
-  from ddpm_jax import distillation  # pylint: disable=g-import-not-at-top  # JAX and the model: only for rounds
+def _round_steps(workdir, recorded):
+  """<steps> if workdir is the directory of a round of the recorded run's distillation (WORKDIR/distill/<steps>, a
+  step count that halves distill.start_steps), else None."""
   parent, steps = os.path.split(os.path.normpath(workdir))
   if os.path.basename(parent) != "distill" or not steps.isdigit():
     return None
-  recorded = ml_collections.ConfigDict(json.loads(recorded_json))
   start = recorded.get("distill", {}).get("start_steps", 0)
-  if not 0 < int(steps) < start or start % int(steps):
-    return None
-  return distillation.STUDENT_MEAN_TYPE[distillation.student_parameterization(recorded, int(steps))]
+  return int(steps) if 0 < int(steps) < start and start % int(steps) == 0 else None
+
+
+def _student_mean_type(recorded, steps):
+  from ddpm_jax import distillation  # pylint: disable=g-import-not-at-top  # JAX and the model: only for rounds
+  config = ml_collections.ConfigDict(recorded)
+  return distillation.STUDENT_MEAN_TYPE[distillation.student_parameterization(config, steps)]
 
 
 def differences(config, workdir, fields):
   """[(field, recorded, given), …] over `fields` (and their sub-fields) between workdir's recorded config and
-  `config`; [] if workdir recorded none (a new run, or converted weights). For a distillation round's directory
-  the recorded mean type is its student's when the fields are READING_FIELDS (what reading the params needs)."""
+  `config`; [] if workdir recorded none (a new run, or converted weights). A distillation round's directory is
+  compared as ROUND_FIELDS says."""
   path = os.path.join(workdir, FILENAME)
   if not fileio.exists(path):
     return []
   text = fileio.read_text(path)
   old = {**ADDED_FIELDS, **_flat(text)}
-  student_mean_type = _round_student_mean_type(workdir, text) if fields == READING_FIELDS else None
-  if student_mean_type:
-    old["diffusion.model_mean_type"] = student_mean_type
+  steps = _round_steps(workdir, json.loads(text))
+  if steps and fields == READING_FIELDS:
+    old["diffusion.model_mean_type"] = _student_mean_type(json.loads(text), steps)
+  if steps and fields == TRAINING_FIELDS:
+    fields = fields + ROUND_FIELDS
   new = _flat(config.to_json_best_effort())
   checked = lambda k: any(k == f or k.startswith(f + ".") for f in fields) and k not in FREE_FIELDS
   return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if checked(k) and old.get(k) != new.get(k)]

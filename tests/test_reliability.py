@@ -71,7 +71,7 @@ def test_params_are_read_only_with_the_settings_they_were_trained_with(tmp_path)
   assert sorted(glob.glob(str(tmp_path / "**"), recursive=True)) == before
 
 
-def test_a_round_directory_is_read_as_its_student_also_one_recorded_before_first_round_parameterization(tmp_path):
+def test_a_round_directory_is_read_as_its_student_and_resumed_with_its_form(tmp_path):
   # A round's directory records its run's config, whose mean type is the first teacher's (eps here): its student is
   # read as the v-model distill.parameterization made it, also where the round ran before
   # distill.first_round_parameterization existed and its record lacks the field.
@@ -91,6 +91,18 @@ def test_a_round_directory_is_read_as_its_student_also_one_recorded_before_first
   other.mkdir()
   (other / recorded_config.FILENAME).write_text(json.dumps(recorded))
   recorded_config.check_readable(tiny_config(), str(other))
+  # Resuming the round with another student form (or grid) is refused, before its record is rewritten; a training
+  # run's workdir may change its distill fields (they are for later rounds, not its own params).
+  form = tiny_config()
+  form.distill.start_steps, form.distill.parameterization = 4, "x"
+  with pytest.raises(ValueError, match=r"distill.parameterization: 'v' -> 'x'"):
+    train.check_workdir_config(form, str(round_dir))
+  assert json.loads((round_dir / recorded_config.FILENAME).read_text())["distill"]["parameterization"] == "v"
+  form.distill.parameterization = "v"
+  train.check_workdir_config(form, str(round_dir))
+  (tmp_path / recorded_config.FILENAME).write_text(json.dumps(recorded))
+  form.distill.parameterization = "x"
+  train.check_workdir_config(form, str(tmp_path))
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
