@@ -75,9 +75,8 @@ def student_parameterization(config, steps):
   round if set (an ε-student of an ε-teacher starts exactly at its teacher's function), else distill.parameterization.
   The next round's student starts from these params and is read as its own parameterization."""
   d = config.distill
-  # .get: the recorded config of a round run before this field existed (recorded_config reads it) lacks it.
-  first_form = d.get("first_round_parameterization", "")
-  return first_form if _first_round(config, steps) and first_form else d.parameterization
+  first = _first_round(config, steps) and d.first_round_parameterization
+  return d.first_round_parameterization if first else d.parameterization
 
 
 def round_config(config, steps):

@@ -26,59 +26,66 @@ READING_FIELDS = ("model", "data.image_size", "data.channels", "diffusion.num_ti
 FREE_FIELDS = ("model.dtype", "model.remat", "model.conv_impl", "model.dropout")
 # A distillation round's directory (WORKDIR/distill/<steps>) records its run's config: the trained model's, whose
 # diffusion.model_mean_type is the first teacher's, with its distill fields. Resuming a round must also keep its
-# grid and what its student predicts; reading the round's params takes the student's mean type (student_mean_type).
+# grid and what its student predicts; reading the round's params takes the student's mean type (read_differences).
 ROUND_FIELDS = ("distill.start_steps", "distill.parameterization", "distill.first_round_parameterization")
 # Fixed fields added after runs were made: an older workdir's config.json lacks them, and its run had these values.
 ADDED_FIELDS = {"model.num_classes": 0, "model.class_dropout": 0.0, "distill.first_round_parameterization": ""}
 
 
-def _flat(config_json):
-  return flax.traverse_util.flatten_dict(json.loads(config_json), sep=".")
-
-
-def _round_steps(workdir, recorded):
-  """<steps> if workdir is the directory of a round of the recorded run's distillation (WORKDIR/distill/<steps>, a
-  step count that halves distill.start_steps), else None."""
-  parent, steps = os.path.split(os.path.normpath(workdir))
-  if os.path.basename(parent) != "distill" or not steps.isdigit():
-    return None
-  start = recorded.get("distill", {}).get("start_steps", 0)
-  return int(steps) if 0 < int(steps) < start and start % int(steps) == 0 else None
-
-
-def _student_mean_type(recorded, steps):
-  from ddpm_jax import distillation  # pylint: disable=g-import-not-at-top  # JAX and the model: only for rounds
-  config = ml_collections.ConfigDict(recorded)
-  return distillation.STUDENT_MEAN_TYPE[distillation.student_parameterization(config, steps)]
-
-
-def differences(config, workdir, fields):
-  """[(field, recorded, given), …] over `fields` (and their sub-fields) between workdir's recorded config and
-  `config`; [] if workdir recorded none (a new run, or converted weights). A distillation round's directory is
-  compared as ROUND_FIELDS says."""
+def _recorded(workdir):
+  """(workdir's recorded config, flat, with ADDED_FIELDS filled in; its distillation round's <steps>, or None if
+  workdir is not a round's directory), or (None, None) if workdir recorded none (a new run, or converted weights)."""
   path = os.path.join(workdir, FILENAME)
   if not fileio.exists(path):
-    return []
-  text = fileio.read_text(path)
-  old = {**ADDED_FIELDS, **_flat(text)}
-  steps = _round_steps(workdir, json.loads(text))
-  if steps and fields == READING_FIELDS:
-    old["diffusion.model_mean_type"] = _student_mean_type(json.loads(text), steps)
-  if steps and fields == TRAINING_FIELDS:
-    fields = fields + ROUND_FIELDS
-  new = _flat(config.to_json_best_effort())
+    return None, None
+  recorded = json.loads(fileio.read_text(path))
+  parent, steps = os.path.split(os.path.normpath(workdir))
+  start = recorded.get("distill", {}).get("start_steps", 0)
+  is_round = os.path.basename(parent) == "distill" and steps.isdigit() and 0 < int(steps) < start
+  round_steps = int(steps) if is_round and start % int(steps) == 0 else None
+  return {**ADDED_FIELDS, **flax.traverse_util.flatten_dict(recorded, sep=".")}, round_steps
+
+
+def _compare(recorded, config, fields):
+  """[(field, recorded, given), …] over `fields` (and their sub-fields) that differ, FREE_FIELDS aside."""
+  given = flax.traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   checked = lambda k: any(k == f or k.startswith(f + ".") for f in fields) and k not in FREE_FIELDS
-  return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if checked(k) and old.get(k) != new.get(k)]
+  return [(k, recorded.get(k), given.get(k)) for k in sorted(set(recorded) | set(given))
+          if checked(k) and recorded.get(k) != given.get(k)]
+
+
+def resume_differences(config, workdir):
+  """What a run resuming workdir with `config` would change of TRAINING_FIELDS (and, for a distillation round's
+  directory, ROUND_FIELDS): [(field, recorded, given), …]; [] if workdir recorded no config."""
+  recorded, round_steps = _recorded(workdir)
+  if recorded is None:
+    return []
+  return _compare(recorded, config, TRAINING_FIELDS + (ROUND_FIELDS if round_steps else ()))
+
+
+def read_differences(config, workdir):
+  """How `config` would read workdir's params differently from how they were trained, over READING_FIELDS: a
+  distillation round's params are its student's, read with the mean type the round made it (the round records the
+  first teacher's). [(field, recorded, given), …]; [] if workdir recorded no config."""
+  recorded, round_steps = _recorded(workdir)
+  if recorded is None:
+    return []
+  if round_steps:
+    from ddpm_jax import distillation  # pylint: disable=g-import-not-at-top  # JAX and the model: only for rounds
+    form = distillation.student_parameterization(
+        ml_collections.ConfigDict(flax.traverse_util.unflatten_dict(recorded, sep=".")), round_steps)
+    recorded["diffusion.model_mean_type"] = distillation.STUDENT_MEAN_TYPE[form]
+  return _compare(recorded, config, READING_FIELDS)
 
 
 def describe(diff):
-  """'field: recorded -> given; …' of differences()."""
+  """'field: recorded -> given; …' of resume_differences() or read_differences()."""
   return "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff)
 
 
 def check_readable(config, workdir):
   """Raises a one-line ValueError if workdir's params were trained with a config that reads them differently."""
-  diff = differences(config, workdir, READING_FIELDS)
+  diff = read_differences(config, workdir)
   if diff:
     flags = " ".join(f"--config.{k}={old}" for k, old, _ in diff)
     raise ValueError(f"workdir {workdir} was trained with another config ({describe(diff)}); read it with the "

@@ -51,7 +51,7 @@ def write_sample_grid(model, ema_params_replicated, diffusion, rng, config, step
 
 def check_workdir_config(config, workdir):
   """Refuses to resume workdir with a config whose model, diffusion or data shape differ; records the config."""
-  diff = recorded_config.differences(config, workdir, recorded_config.TRAINING_FIELDS)
+  diff = recorded_config.resume_differences(config, workdir)
   if diff:
     raise ValueError(f"workdir {workdir} holds a run with a different config ({recorded_config.describe(diff)}); "
                      "use the same settings to resume it, or a new --workdir.")
